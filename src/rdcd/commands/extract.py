@@ -1,0 +1,36 @@
+"""rdcd extract: image folder / file list -> descriptor file."""
+from __future__ import annotations
+
+import sys
+
+from .common import add_model_argument
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("extract", help="compute descriptors of images (DISC2021 HDF5 or .npy)",
+                              description="Embed every image of a folder or file list. Bad files are skipped "
+                                          "and listed; an interrupted run resumes where it stopped.")
+    add_model_argument(p)
+    p.add_argument("--images", required=True, help="image folder (recursive), file list (one path a line) or image")
+    p.add_argument("--output", required=True, help="OUT.h5 (DISC2021 layout) or OUT.npy (+ OUT.ids.txt)")
+    p.add_argument("--size", type=int, default=None, help="square input size in px (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: by core count)")
+    p.add_argument("--chunk-size", type=int, default=1024, help="images per resumable chunk")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any file could not be embedded")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if a partial run exists")
+    p.add_argument("--fast-decode", action="store_true",
+                   help="let the JPEG decoder downscale while decoding (faster, slightly different pixels)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..extract import extract
+
+    result = extract(args.model, args.images, output=args.output, size=args.size, batch_size=args.batch_size,
+                     workers=args.workers, strict=args.strict, chunk_size=args.chunk_size,
+                     resume=not args.no_resume, draft=args.fast_decode)
+    if result.ids:
+        print(f"rdcd: {len(result.ids)} descriptors ({result.vectors.shape[1]}-d, {result.model}) -> {args.output}; "
+              f"{result.images_per_second:.1f} images/s", file=sys.stderr)
+    return 0

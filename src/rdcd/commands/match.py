@@ -1,0 +1,58 @@
+"""rdcd match: queries x references -> predictions CSV (candidate copy pairs with scores)."""
+from __future__ import annotations
+
+import sys
+
+from .common import add_model_argument
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("match", help="find candidate copies of queries among references -> predictions CSV",
+                              description="Each of --queries, --references, --background is descriptor files "
+                                          "(.h5/.hdf5/.npy; several shards are read in order) or images (a folder, "
+                                          "a file list or one image), which are embedded with --model.")
+    p.add_argument("--queries", required=True, nargs="+", help="query descriptors or images")
+    p.add_argument("--references", required=True, nargs="+", help="reference descriptors or images")
+    p.add_argument("--background", nargs="+", default=None,
+                   help="background set for --score-norm / --whiten (e.g. the DISC2021 training images; "
+                        "never the references)")
+    add_model_argument(p)
+    p.add_argument("--output", required=True, help="predictions CSV to write (settings go to *.config.json beside it)")
+    p.add_argument("--k", type=int, default=10, help="neighbours per query (default: %(default)s)")
+    p.add_argument("--global-n", type=int, default=None,
+                   help="keep the N best pairs over all queries instead of k per query (DISC2021 descriptor track)")
+    p.add_argument("--index", default="Flat",
+                   help="FAISS factory string: Flat (exact, default), IVF1024,Flat, IVF4096,PQ32, HNSW32, ...")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query")
+    p.add_argument("--ef-search", type=int, default=None, help="HNSW search depth")
+    p.add_argument("--score-norm", action="store_true",
+                   help="subtract beta * mean similarity of each query to its nearest background images")
+    p.add_argument("--beta", type=float, default=1.0, help="score normalisation weight (default: %(default)s)")
+    p.add_argument("--ranks", type=int, nargs=2, default=(0, 2), metavar=("I", "J"),
+                   help="background neighbour ranks averaged by score normalisation (default: 0 2)")
+    p.add_argument("--whiten", type=int, default=None, metavar="DIM",
+                   help="PCA-whiten to DIM dimensions (fitted on the background set), then L2-normalise")
+    p.add_argument("--keep-descriptors", default=None, metavar="DIR",
+                   help="save descriptors extracted from images in DIR (queries.h5, references.h5, background.h5)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: by core count)")
+    p.add_argument("--threads", type=int, default=None, help="FAISS search threads (default: all cores)")
+    p.set_defaults(func=run)
+
+
+def _one_or_many(values):
+    return values[0] if values and len(values) == 1 else values
+
+
+def run(args) -> int:
+    from ..match import match
+
+    predictions = match(
+        _one_or_many(args.queries), _one_or_many(args.references), model=args.model,
+        background=_one_or_many(args.background), k=args.k, index=args.index, score_norm=args.score_norm,
+        whiten_dim=args.whiten, global_n=args.global_n, output=args.output, keep_descriptors_dir=args.keep_descriptors,
+        beta=args.beta, ranks=tuple(args.ranks), nprobe=args.nprobe, ef_search=args.ef_search,
+        batch_size=args.batch_size, workers=args.workers, threads=args.threads,
+    )
+    print(f"rdcd: {len(predictions)} candidate pairs -> {args.output}", file=sys.stderr)
+    return 0

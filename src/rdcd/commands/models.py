@@ -1,0 +1,20 @@
+"""rdcd models: every name --model accepts."""
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("models", help="list the model names --model accepts")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..models import list_models
+
+    rows = [(name, "?" if e.dim is None else str(e.dim), e.description) for name, e in sorted(list_models().items())]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'name':<{width}}  {'dim':>4}  description")
+    for name, dim, desc in rows:
+        print(f"{name:<{width}}  {dim:>4}  {desc}")
+    print("\nAlso: student:BACKBONE[:DIM] (an untrained student on any timm backbone) and model files "
+          "(.onnx, rdcd .pt, SSCD .torchscript.pt / .torchvision.pt).")
+    return 0

@@ -1,0 +1,144 @@
+"""Descriptor files in the DISC2021 formats.
+
+Per-set HDF5: dataset ``vectors`` float32 (n, d) and ``image_names`` fixed-length ASCII bytes.
+Readers strip any folder and the image suffix from names, and read shard lists in order.
+Also ``.npy`` (vectors) with a ``.ids.txt`` sidecar (one id per line).
+Every write goes to a temporary file in the same folder and is renamed into place, so a killed
+save leaves the previous file intact.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import h5py
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def image_id(name: str | bytes) -> str:
+    """DISC2021 id of an image: its file stem (folder and image suffix stripped)."""
+    if isinstance(name, bytes):
+        name = name.decode("ascii")
+    base = os.path.basename(name)
+    stem, ext = os.path.splitext(base)
+    return stem if ext.lower() in IMAGE_SUFFIXES else base
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ""):
+    """Yield a temporary path next to ``path``; rename it over ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _check_ascii(ids: Sequence[str]) -> None:
+    for i in ids:
+        try:
+            i.encode("ascii")
+        except UnicodeEncodeError:
+            raise ValueError(f"image id {i!r} is not ASCII; the DISC2021 HDF5 format stores ASCII ids") from None
+
+
+def write_descriptors(path: str | os.PathLike, ids: Sequence[str], vectors: np.ndarray) -> Path:
+    """Write descriptors atomically; the format follows the suffix (``.h5``/``.hdf5`` or ``.npy``)."""
+    path = Path(path)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    ids = [str(i) for i in ids]
+    if vectors.ndim != 2 or vectors.shape[0] != len(ids):
+        raise ValueError(f"{path}: {len(ids)} ids but vectors of shape {vectors.shape}")
+    suffix = path.suffix.lower()
+    if suffix in (".h5", ".hdf5"):
+        _check_ascii(ids)
+        with atomic_path(path, ".h5") as tmp:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("vectors", data=vectors)
+                width = max([len(i) for i in ids] + [1])
+                f.create_dataset("image_names", data=np.array(ids, dtype=f"S{width}"))
+    elif suffix == ".npy":
+        with atomic_path(path, ".npy") as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, vectors)
+            ids_path = ids_sidecar(path)
+            with atomic_path(ids_path) as tmp_ids:
+                tmp_ids.write_text("".join(f"{i}\n" for i in ids))
+    else:
+        raise ValueError(f"{path}: unknown descriptor format {suffix!r}; use .h5 (DISC2021) or .npy")
+    return path
+
+
+def ids_sidecar(npy_path: str | os.PathLike) -> Path:
+    p = Path(npy_path)
+    return p.with_name(p.stem + ".ids.txt")
+
+
+def read_descriptors(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> tuple[list[str], np.ndarray]:
+    """Read one descriptor file or a list of shards (concatenated in order); returns (ids, vectors)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    all_ids: list[str] = []
+    parts: list[np.ndarray] = []
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: descriptor file not found")
+        if p.suffix.lower() == ".npy":
+            vec = np.load(p)
+            side = ids_sidecar(p)
+            if not side.exists():
+                raise FileNotFoundError(f"{p}: missing its id list {side}")
+            ids = side.read_text().split()
+        else:
+            try:
+                with h5py.File(p, "r") as f:
+                    if "vectors" not in f or "image_names" not in f:
+                        raise ValueError(
+                            f"{p}: not a DISC2021 descriptor file (needs datasets 'vectors' and 'image_names', "
+                            f"found {sorted(f.keys())})"
+                        )
+                    vec = f["vectors"][()]
+                    ids = [image_id(n) for n in f["image_names"][()]]
+            except OSError as e:
+                raise ValueError(f"{p}: cannot read as HDF5 ({e})") from e
+        if vec.ndim != 2 or vec.shape[0] != len(ids):
+            raise ValueError(f"{p}: {len(ids)} names but vectors of shape {vec.shape}")
+        if parts and vec.shape[1] != parts[0].shape[1]:
+            raise ValueError(f"{p}: dimension {vec.shape[1]} differs from earlier shards ({parts[0].shape[1]})")
+        all_ids.extend(ids)
+        parts.append(vec.astype(np.float32, copy=False))
+    if not parts:
+        raise ValueError("no descriptor files given")
+    return all_ids, np.concatenate(parts, axis=0)
+
+
+def write_submission(path: str | os.PathLike, query_ids, query, reference_ids, reference) -> Path:
+    """Descriptor-track submission HDF5: ``query``, ``reference``, ``query_ids``, ``reference_ids`` sorted by id."""
+    path = Path(path)
+    for name, v in (("query", query), ("reference", reference)):
+        if v.shape[1] > 256:
+            raise ValueError(f"{path}: {name} descriptors have d={v.shape[1]}; the descriptor track allows d <= 256")
+    qo = np.argsort(np.asarray(query_ids))
+    ro = np.argsort(np.asarray(reference_ids))
+    qids = [query_ids[i] for i in qo]
+    rids = [reference_ids[i] for i in ro]
+    _check_ascii(qids + rids)
+    with atomic_path(path, ".h5") as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("query", data=np.asarray(query, np.float32)[qo])
+            f.create_dataset("reference", data=np.asarray(reference, np.float32)[ro])
+            f.create_dataset("query_ids", data=np.array(qids, dtype="S"))
+            f.create_dataset("reference_ids", data=np.array(rids, dtype="S"))
+    return path

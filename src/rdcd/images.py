@@ -1,0 +1,144 @@
+"""Image files -> RGB uint8 arrays, never crashing a batch job.
+
+Every Pillow mode becomes RGB (alpha flattened onto white, 16-bit and float scaled to 8 bits,
+CMYK converted), EXIF orientation is applied, animated files give their first frame, and a
+pixel-count limit refuses decompression bombs before decoding. Anything that cannot be decoded
+raises ``ImageLoadError`` naming the file and the reason; batch code catches it, reports the
+file and goes on.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .descriptors import IMAGE_SUFFIXES, image_id
+
+#: default limit on width x height: 16k x 16k. DISC2021's largest images are far below this.
+DEFAULT_MAX_PIXELS = 16384 * 16384
+
+
+class ImageLoadError(Exception):
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+def _to_rgb(im: Image.Image, background=(255, 255, 255)) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") else max(float(a.max()), 1.0)
+        if mode in ("I", "F") and a.max() <= 255 and a.min() >= 0:
+            top = 255.0
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        mode = im.mode
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        im = im.convert("RGBA")
+        canvas = Image.new("RGBA", im.size, background + (255,))
+        return Image.alpha_composite(canvas, im).convert("RGB")
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
+               draft_size: int | None = None) -> Image.Image:
+    """Decode one file to an RGB PIL image, or raise ImageLoadError saying why not.
+
+    ``draft_size`` lets the JPEG decoder downscale by 1/2, 1/4 or 1/8 while keeping both sides
+    >= draft_size (much faster for large photos that will be resized anyway).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ImageLoadError(path, f"cannot read file ({e.strerror or e})") from None
+    if size == 0:
+        raise ImageLoadError(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ImageLoadError(path, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                                               "(decompression bomb guard; raise max_pixels if the file is trusted)")
+                if getattr(im, "is_animated", False):
+                    im.seek(0)
+                if draft_size and im.format == "JPEG":
+                    im.draft("RGB", (draft_size, draft_size))
+                im.load()
+                im = ImageOps.exif_transpose(im) if im.getexif() else im
+                rgb = _to_rgb(im)
+                if rgb is im:
+                    rgb = im.copy()
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(path, f"decompression bomb refused ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageLoadError(path, "not an image file Pillow can identify") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as e:
+        raise ImageLoadError(path, f"corrupt or truncated image ({type(e).__name__}: {e})") from None
+    return rgb
+
+
+def resize_square(im: Image.Image, size: int) -> np.ndarray:
+    """Resize to size x size (aspect not kept, as in the DISC2021 evaluations) -> uint8 (size, size, 3)."""
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR, reducing_gap=None)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def load_image_array(path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = False) -> np.ndarray:
+    return resize_square(open_image(path, max_pixels=max_pixels, draft_size=size if draft else None), size)
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def list_images(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Image paths from a folder (recursive, sorted), a file list (one path per line, relative paths
+    resolved against the list's folder), a single image file, or a Python sequence of paths."""
+    if not isinstance(source, (str, os.PathLike)):
+        return [Path(p) for p in source]
+    source = Path(source)
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.is_file() and is_image_name(p.name))
+        if not paths:
+            raise FileNotFoundError(f"{source}: folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        return paths
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such folder or file")
+    if is_image_name(source.name):
+        return [source]
+    paths = []
+    with open(source, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                p = Path(line)
+                paths.append(p if p.is_absolute() else source.parent / p)
+    if not paths:
+        raise ValueError(f"{source}: file list is empty")
+    return paths
+
+
+def check_unique_ids(paths: Sequence[Path]) -> list[str]:
+    ids = [image_id(str(p)) for p in paths]
+    seen: dict[str, Path] = {}
+    for i, p in zip(ids, paths):
+        if i in seen:
+            raise ValueError(f"two images share the id {i!r}: {seen[i]} and {p}; ids are file stems and must be unique")
+        seen[i] = p
+    return ids

@@ -1,0 +1,183 @@
+"""Queries x references -> candidate copy pairs: the API behind ``rdcd match``.
+
+descriptors (files, or extracted from images) -> optional PCA whitening fitted on the background
+set -> FAISS index of the references -> per-query kNN or global best-N pairs, with optional
+score normalisation against the background set -> predictions CSV.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+
+from rdcd.descriptors import atomic_path, read_descriptors
+from rdcd.metrics import Predictions, write_predictions
+from rdcd.postprocess import PCAWhitening, ScoreNormalizer
+from rdcd.search import Index, best_pairs, knn_pairs, set_threads
+
+log = logging.getLogger(__name__)
+
+DESCRIPTOR_SUFFIXES = (".h5", ".hdf5", ".npy")
+
+#: descriptor file(s), an image folder / image file list / list of image paths, or (ids, vectors) in memory
+ImageSet = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], tuple]
+
+
+@dataclass
+class MatchConfig:
+    """How candidate pairs are made; defaults follow the SSCD/RDCD protocol (k = 10, exact inner product)."""
+
+    k: int = 10
+    index: str = "Flat"
+    nprobe: int | None = None
+    ef_search: int | None = None
+    global_n: int | None = None  # keep the N best pairs over all queries instead of k per query
+    score_norm: bool = False
+    beta: float = 1.0
+    ranks: tuple[int, int] = (0, 2)
+    whiten_dim: int | None = None
+    model: str | None = None
+
+
+def is_descriptor_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in DESCRIPTOR_SUFFIXES
+
+
+def load_set(
+    source: ImageSet,
+    model=None,
+    name: str = "images",
+    keep_descriptors_dir: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+) -> tuple[list[str], np.ndarray]:
+    """(ids, vectors) of one image set: read from descriptor files, or extracted from images with ``model``."""
+    if _in_memory(source):
+        ids, vectors = source
+        return [str(i) for i in ids], np.asarray(vectors, dtype=np.float32)
+    if not is_image_source(source):
+        return read_descriptors(source)
+    if model is None:
+        raise ValueError(
+            f"{name}: {_describe(source)} is not a descriptor file ({', '.join(DESCRIPTOR_SUFFIXES)}), so it is read "
+            "as images, which needs a model: pass model= (CLI: --model NAME_OR_FILE; `rdcd models` lists names)"
+        )
+    from rdcd.extract import extract
+
+    output = Path(keep_descriptors_dir) / f"{name}.h5" if keep_descriptors_dir else None
+    result = extract(model, source, output=output, batch_size=batch_size, workers=workers)
+    if result.failures:
+        log.warning("%s: %d image(s) could not be read and are left out", name, len(result.failures))
+    return list(result.ids), result.vectors
+
+
+def _in_memory(source) -> bool:
+    return isinstance(source, tuple) and len(source) == 2 and not isinstance(source[0], (str, os.PathLike))
+
+
+def is_image_source(source: ImageSet) -> bool:
+    """True unless ``source`` is in-memory (ids, vectors) or descriptor files."""
+    if _in_memory(source):
+        return False
+    files = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    return not (files and all(is_descriptor_file(f) for f in files))
+
+
+def _describe(source) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else f"a list of {len(source)} paths"
+
+
+def match(
+    queries: ImageSet,
+    references: ImageSet,
+    model=None,
+    background: ImageSet | None = None,
+    k: int = 10,
+    index: str = "Flat",
+    score_norm: bool = False,
+    whiten_dim: int | None = None,
+    global_n: int | None = None,
+    output: str | os.PathLike | None = None,
+    keep_descriptors_dir: str | os.PathLike | None = None,
+    beta: float = 1.0,
+    ranks: tuple[int, int] = (0, 2),
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    threads: int | None = None,
+) -> Predictions:
+    """Candidate copy pairs between ``queries`` and ``references``, best first within each query (kNN mode)
+    or over all queries (``global_n``).
+
+    Each image set is descriptor files (``.h5``/``.hdf5``/``.npy``, shards in order), an image folder
+    or file list (embedded with ``model``, a DescriptorModel, registry name or model file), or an
+    ``(ids, vectors)`` pair. ``background`` (training-set images, never the references) is needed for
+    ``score_norm`` (subtract beta * mean similarity to the background at ``ranks``) and ``whiten_dim``
+    (PCA whitening fitted on it). With ``output`` the predictions CSV is written there and the
+    resolved settings beside it (``*.config.json``); ``keep_descriptors_dir`` keeps descriptors
+    extracted from images as ``queries.h5``, ``references.h5``, ``background.h5``.
+    """
+    config = MatchConfig(
+        k=k, index=index, nprobe=nprobe, ef_search=ef_search, global_n=global_n, score_norm=score_norm,
+        beta=beta, ranks=tuple(ranks), whiten_dim=whiten_dim,
+    )
+    sets = [queries, references] + ([background] if score_norm or whiten_dim else [])
+    if model is not None and any(is_image_source(s) for s in sets):
+        config.model = getattr(model, "name", str(model))
+    if (score_norm or whiten_dim) and background is None:
+        raise ValueError(
+            "score normalisation and whitening need a background set (CLI: --background): descriptors or images "
+            "of a collection unrelated to the references, e.g. the DISC2021 training images"
+        )
+    set_threads(threads)
+    load = dict(model=model, keep_descriptors_dir=keep_descriptors_dir, batch_size=batch_size, workers=workers)
+    query_ids, query_vectors = load_set(queries, name="queries", **load)
+    reference_ids, reference_vectors = load_set(references, name="references", **load)
+    if query_vectors.shape[1] != reference_vectors.shape[1]:
+        raise ValueError(
+            f"query descriptors have dimension {query_vectors.shape[1]} but references {reference_vectors.shape[1]}; "
+            "both sets must come from the same model"
+        )
+    offsets = None
+    if background is not None and not (score_norm or whiten_dim):
+        log.warning("a background set was given but neither score normalisation nor whitening is on; ignoring it")
+    elif background is not None:
+        _, background_vectors = load_set(background, name="background", **load)
+        if background_vectors.shape[1] != query_vectors.shape[1]:
+            raise ValueError(
+                f"background descriptors have dimension {background_vectors.shape[1]} but queries "
+                f"{query_vectors.shape[1]}; all sets must come from the same model"
+            )
+        if whiten_dim:
+            whitening = PCAWhitening(whiten_dim).fit(background_vectors)
+            query_vectors, reference_vectors, background_vectors = (
+                whitening.transform(v) for v in (query_vectors, reference_vectors, background_vectors)
+            )
+        if score_norm:
+            offsets = ScoreNormalizer(beta, ranks, index, nprobe, ef_search).fit(background_vectors).bias(query_vectors)
+
+    log.info("indexing %d references (%s)", len(reference_ids), index)
+    reference_index = Index.build(reference_ids, reference_vectors, index, nprobe=nprobe, ef_search=ef_search)
+    if global_n:
+        predictions = best_pairs(query_ids, query_vectors, reference_index, n=global_n, k=k, offsets=offsets)
+    else:
+        predictions = knn_pairs(query_ids, query_vectors, reference_index, k=k, offsets=offsets)
+
+    if output is not None:
+        output = write_predictions(output, predictions)
+        with atomic_path(config_path(output)) as tmp:
+            tmp.write_text(json.dumps(asdict(config), indent=2) + "\n")
+        log.info("wrote %d predictions to %s", len(predictions), output)
+    return predictions
+
+
+def config_path(output: str | os.PathLike) -> Path:
+    """Where ``match`` records its settings next to a predictions file: ``matches.csv`` -> ``matches.config.json``."""
+    output = Path(output)
+    return output.with_name(output.stem + ".config.json")

