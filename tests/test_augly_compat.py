@@ -127,8 +127,10 @@ def test_augly_imports_with_core_dependencies_and_libmagic():
     ("overlay_text", {}), ("pad", {"w_factor": 0.2, "h_factor": 0.1}), ("pixelization", {"ratio": 0.2}),
     ("rotate", {"degrees": 20}), ("saturation", {"factor": 2.0}), ("scale", {"factor": 0.5}),
     ("sharpen", {"factor": 4.0}), ("skew", {"skew_factor": 0.4}), ("vflip", {}),
+    ("overlay_onto_background_image", {"background_image": picture(300, 300), "overlay_size": 0.5}),
 ])
-def test_other_augly_functions_run_unpatched(name, kwargs):
+def test_other_augly_functions_we_use_run(name, kwargs):
+    """No other Pillow/numpy incompatibility in the AugLy functions rdcd calls (default code paths)."""
     import augly.image.functional as functional
 
     out = getattr(functional, name)(picture(), **kwargs)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from rdcd.augly_assets import emoji_names, emoji_path, font_names, font_path
 from rdcd.augment import (
     AUGMENTATIONS,
     RandomResizedCrop,
@@ -15,8 +16,6 @@ from rdcd.augment import (
     advanced,
     augmentation_grid,
     build_augmentation,
-    emoji_paths,
-    font_paths,
     imagenet_normalize,
     light,
     view_seed,
@@ -101,9 +100,10 @@ def test_registry_and_errors():
 
 
 def test_augly_assets_are_installed():
-    fonts = font_paths()
-    assert len(fonts) > 100 and all(os.path.exists(p[:-4] + ".pkl") for p in fonts)
-    assert len(emoji_paths()) > 100
+    fonts = [font_path(name) for name in font_names()]
+    assert len(fonts) > 100 and all(os.path.exists(p) and os.path.exists(p[:-4] + ".pkl") for p in fonts)
+    emojis = emoji_names()
+    assert len(emojis) > 100 and all(os.path.exists(emoji_path(e)) for e in emojis)
 
 
 # ---------------------------------------------------------------- seeding

@@ -58,7 +58,9 @@ def test_knn_match_from_descriptor_files(synthetic_set, tmp_path):
 def test_score_normalisation_discounts_dense_regions(synthetic_set):
     _, files, gt = synthetic_set
     plain = evaluate(match(files["queries"], files["references"]), gt)
-    normalized = evaluate(match(files["queries"], files["references"], background=files["background"], score_norm=True), gt)
+    normalized = evaluate(
+        match(files["queries"], files["references"], background=files["background"], score_norm=True), gt
+    )
     assert normalized["acc_at_1"] == plain["acc_at_1"] == 1.0  # per-query ranking unchanged
     assert normalized["uAP"] > 0.95 > plain["uAP"]
     assert normalized["recall_at_p90"] is not None and normalized["recall_at_p90"] > 0.9
@@ -83,7 +85,9 @@ def test_in_memory_sets_and_approximate_index(synthetic_set):
     queries, references = read_descriptors(files["queries"]), read_descriptors(files["references"])
     preds = match(queries, references, index="IVF8,Flat", nprobe=8, k=1)
     assert evaluate(preds, gt)["acc_at_1"] == 1.0
-    normalized = match(queries, references, index="IVF8,Flat", nprobe=8, background=files["background"], score_norm=True)
+    normalized = match(
+        queries, references, index="IVF8,Flat", nprobe=8, background=files["background"], score_norm=True
+    )
     assert evaluate(normalized, gt)["uAP"] > 0.95
 
 
@@ -97,3 +101,15 @@ def test_errors_say_what_to_do(synthetic_set, tmp_path):
     write_descriptors(tmp_path / "small.h5", ["a", "b"], np.eye(2, 8, dtype=np.float32))
     with pytest.raises(ValueError, match="dimension 8 but references 32"):
         match(tmp_path / "small.h5", files["references"])
+
+
+def test_match_image_folders_use_one_model_load(image_folder, tmp_path):
+    """An untrained student: spec gets random weights at each load, so match must load it once."""
+    from rdcd.match import match
+
+    preds = match(image_folder, image_folder, model="student:mobilenetv3_large_100:16", k=1,
+                  keep_descriptors_dir=tmp_path / "desc")
+    assert len(preds) == 12
+    for q, r, s in preds.rows():
+        assert q == r and s > 0.999, (q, r, s)
+    assert (tmp_path / "desc" / "queries.h5").exists() and (tmp_path / "desc" / "references.h5").exists()

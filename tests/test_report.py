@@ -24,7 +24,8 @@ PREDICTIONS = [
 @pytest.fixture
 def folders(tmp_path):
     rng = np.random.default_rng(0)
-    for folder, names in (("queries", ["Q1", "Q2", "Q3", "Q4", "Q5"]), ("references", ["R1", "R2", "R3", "R7", "R8", "R9"])):
+    sets = (("queries", ["Q1", "Q2", "Q3", "Q4", "Q5"]), ("references", ["R1", "R2", "R3", "R7", "R8", "R9"]))
+    for folder, names in sets:
         (tmp_path / folder).mkdir()
         for name in names:
             image = Image.new("RGB", (240, 180), tuple(int(c) for c in rng.integers(0, 255, 3)))

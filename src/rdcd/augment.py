@@ -9,7 +9,7 @@ Seeding: every random draw (whether a step fires and its parameters) comes from 
 same seed gives the same tensor in any process or DataLoader worker. Derive a per-sample seed with
 ``view_seed(base_seed, epoch, index)`` so views do not depend on which worker loads the sample.
 
-Text and emoji come from AugLy's bundled assets (``augly.utils.FONTS_DIR``, ``EMOJI_DIR``).
+Text and emoji come from AugLy's bundled assets (:mod:`rdcd.augly_assets`).
 Differences from SSCD's implementation, on purpose: rotation by 90/180/270 is lossless (the image
 is transposed, not rotated inside its old frame and cropped); AugLy's ``overlay_text`` is drawn
 onto a transparent layer that is then alpha-composited, because drawn straight onto an RGB image
@@ -18,11 +18,7 @@ it loses the opacity (the text comes out opaque).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import glob
 import math
-import os
-import pickle
 import random
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -31,10 +27,11 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from augly.image.functional import encoding_quality, overlay_emoji, overlay_text
-from augly.utils import EMOJI_DIR, FONTS_DIR
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
+
+from rdcd.augly_assets import emoji_names, emoji_path, font_charset, font_names, font_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,35 +63,6 @@ def as_rng(rng: random.Random | int | np.random.Generator | torch.Generator | No
     if isinstance(rng, torch.Generator):
         return random.Random(int(torch.randint(2**62, (1,), generator=rng)))
     raise TypeError(f"rng must be a random.Random, an int seed, a numpy or torch Generator, or None; got {type(rng)}")
-
-
-# ------------------------------------------------------------------ assets
-
-
-@functools.lru_cache(maxsize=None)
-def font_paths(fonts_dir: str = FONTS_DIR) -> tuple[str, ...]:
-    """AugLy's fonts that come with a charset (.pkl), sorted so a seed picks the same font everywhere."""
-    paths = tuple(p for p in sorted(glob.glob(os.path.join(fonts_dir, "*.ttf"))) if os.path.exists(p[:-4] + ".pkl"))
-    if not paths:
-        raise FileNotFoundError(
-            f"{fonts_dir}: no .ttf fonts with .pkl charsets; AugLy's assets are missing, reinstall augly==1.0.0"
-        )
-    return paths
-
-
-@functools.lru_cache(maxsize=None)
-def font_charset(font_path: str) -> tuple[int, ...]:
-    """Code points the font can draw (AugLy's .pkl next to the .ttf)."""
-    with open(font_path[:-4] + ".pkl", "rb") as f:
-        return tuple(pickle.load(f))
-
-
-@functools.lru_cache(maxsize=None)
-def emoji_paths(emoji_dir: str = EMOJI_DIR) -> tuple[str, ...]:
-    paths = tuple(sorted(glob.glob(os.path.join(emoji_dir, "*", "*.png"))))
-    if not paths:
-        raise FileNotFoundError(f"{emoji_dir}: no emoji PNGs; AugLy's assets are missing, reinstall augly==1.0.0")
-    return paths
 
 
 # ------------------------------------------------------------------ ops: (image, rng) -> image
@@ -138,8 +106,8 @@ class OverlayText:
     max_chars: int = 100
 
     def __call__(self, image: Image.Image, rng: random.Random) -> Image.Image:
-        font_path = rng.choice(font_paths())
-        charset = font_charset(font_path)
+        font = rng.choice(font_names())
+        charset = font_charset(font)
         size_fraction = rng.uniform(*self.font_size)
         indices = [rng.randrange(len(charset)) for _ in range(self.max_chars)]
         fraction_of_length = rng.random()  # the length is drawn uniformly among those that fit
@@ -152,10 +120,10 @@ class OverlayText:
         color = (rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255))
         # about 1 draw in 300 hits a glyph the font's layout engine rejects: leave the image as is
         try:
-            font = ImageFont.truetype(font_path, pixels)
+            typeface = ImageFont.truetype(font_path(font), pixels)
 
             def extent(n: int) -> tuple[float, float]:
-                _, _, right, bottom = font.getbbox("".join(chr(charset[i]) for i in indices[:n]))
+                _, _, right, bottom = typeface.getbbox("".join(chr(charset[i]) for i in indices[:n]))
                 return right, bottom
 
             fits = _longest_prefix(len(indices), lambda n: all(a <= b for a, b in zip(extent(n), (width, height))))
@@ -166,7 +134,7 @@ class OverlayText:
             layer = overlay_text(
                 Image.new("RGBA", image.size, (0, 0, 0, 0)),
                 text=indices[:length],
-                font_file=font_path,
+                font_file=font_path(font),
                 font_size=size_fraction,
                 opacity=opacity,
                 color=color,
@@ -198,7 +166,7 @@ class OverlayEmoji:
     opacity: Range = (0.7, 1.0)
 
     def __call__(self, image: Image.Image, rng: random.Random) -> Image.Image:
-        path = rng.choice(emoji_paths())
+        emoji = rng.choice(emoji_names())
         side_fraction = rng.uniform(*self.size)
         opacity = rng.uniform(*self.opacity)
         fx, fy = rng.random(), rng.random()
@@ -206,7 +174,7 @@ class OverlayEmoji:
         side = side_fraction * min(width, height)  # AugLy's emojis are square
         return overlay_emoji(
             image,
-            emoji_path=path,
+            emoji_path=emoji_path(emoji),
             opacity=opacity,
             emoji_size=side / height,  # AugLy sizes the emoji relative to the image height
             x_pos=fx * (1 - side / width),

@@ -29,7 +29,6 @@ import io
 import json
 import math
 import os
-import pickle
 import shutil
 import time
 from collections import Counter
@@ -43,6 +42,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from rdcd import _augly_compat
+from rdcd.augly_assets import emoji_names, emoji_path, font_charset, font_names, font_path
 from rdcd.images import ImageLoadError, list_images, open_image
 
 __all__ = [
@@ -106,34 +106,9 @@ def _augly():
 
 
 @lru_cache(maxsize=None)
-def _font_glyphs(font: str) -> tuple[int, ...]:
-    """Code points AugLy lists for one of its fonts (its ``.pkl`` next to the ``.ttf``)."""
-    from augly.utils import FONTS_DIR
-
-    with open(os.path.join(FONTS_DIR, os.path.splitext(font)[0] + ".pkl"), "rb") as f:
-        return tuple(pickle.load(f))
-
-
-@lru_cache(maxsize=None)
-def _fonts() -> tuple[str, ...]:
-    from augly.utils import FONTS_DIR
-
-    return tuple(sorted(f for f in os.listdir(FONTS_DIR)
-                        if f.endswith(".ttf") and os.path.exists(os.path.join(FONTS_DIR, f[:-4] + ".pkl"))))
-
-
-@lru_cache(maxsize=None)
 def _latin_fonts() -> tuple[str, ...]:
     letters = {ord(c) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"}
-    return tuple(f for f in _fonts() if letters <= set(_font_glyphs(f)))
-
-
-@lru_cache(maxsize=None)
-def _emojis() -> tuple[str, ...]:
-    from augly.utils import EMOJI_DIR
-
-    root = Path(EMOJI_DIR)
-    return tuple(sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png")))
+    return tuple(f for f in font_names() if letters <= set(font_charset(f)))
 
 
 @lru_cache(maxsize=None)
@@ -144,12 +119,6 @@ def _words() -> tuple[str, ...]:
     with open(os.path.join(TEXT_DIR, "misspelling.json"), encoding="utf-8") as f:
         keys = json.load(f)
     return tuple(sorted({w.lower() for w in keys if w.isascii() and w.isalpha() and 3 <= len(w) <= 8}))
-
-
-def _font_path(font: str) -> str:
-    from augly.utils import FONTS_DIR
-
-    return os.path.join(FONTS_DIR, font)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,8 +281,8 @@ def _sample_opacity(image, rng, backdrops):
 
 
 def _sample_overlay_text(image, rng, backdrops):
-    font = _choice(rng, _fonts())
-    glyphs = _font_glyphs(font)
+    font = _choice(rng, font_names())
+    glyphs = font_charset(font)
     index = {c: i for i, c in enumerate(glyphs)}
     lines = []
     for _ in range(int(rng.integers(1, 4))):
@@ -332,23 +301,21 @@ def _apply_overlay_text(image, params, backdrops):
     # drawn straight onto the image, AugLy's text replaces pixels and ignores its opacity:
     # draw it on a transparent layer and composite that instead
     layer = _augly().overlay_text(Image.new("RGBA", image.size, (0, 0, 0, 0)),
-                                  **{**params, "font_file": _font_path(params["font_file"]),
+                                  **{**params, "font_file": font_path(params["font_file"]),
                                      "color": tuple(params["color"])})
     return Image.alpha_composite(image.convert("RGBA"), layer)
 
 
 def _sample_overlay_emoji(image, rng, backdrops):
-    return {"emojis": [{"emoji": _choice(rng, _emojis()), "emoji_size": _uniform(rng, 0.12, 0.45),
+    return {"emojis": [{"emoji": _choice(rng, emoji_names()), "emoji_size": _uniform(rng, 0.12, 0.45),
                         "opacity": _uniform(rng, 0.6, 1.0), "x_pos": _uniform(rng, 0.0, 0.8),
                         "y_pos": _uniform(rng, 0.0, 0.8)} for _ in range(int(rng.integers(1, 4)))]}
 
 
 def _apply_overlay_emoji(image, params, backdrops):
-    from augly.utils import EMOJI_DIR
-
     functional = _augly()
     for e in params["emojis"]:
-        image = functional.overlay_emoji(image, emoji_path=os.path.join(EMOJI_DIR, e["emoji"]),
+        image = functional.overlay_emoji(image, emoji_path=emoji_path(e["emoji"]),
                                          opacity=e["opacity"], emoji_size=e["emoji_size"],
                                          x_pos=e["x_pos"], y_pos=e["y_pos"])
     return image
@@ -372,7 +339,7 @@ def _smallest_font_size(caption_height: int) -> int:
 
 
 def _caption_fits(text: str, font: str, width: int, caption_height: int) -> bool:
-    typeface = ImageFont.truetype(_font_path(font), _smallest_font_size(caption_height))
+    typeface = ImageFont.truetype(font_path(font), _smallest_font_size(caption_height))
     _, _, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).multiline_textbbox((0, 0), text, font=typeface)
     return right <= width - 10 and bottom <= caption_height - 10
 
@@ -392,7 +359,7 @@ def _sample_meme_format(image, rng, backdrops):
 
 
 def _apply_meme_format(image, params, backdrops):
-    return _augly().meme_format(image, **{**params, "font_file": _font_path(params["font_file"]),
+    return _augly().meme_format(image, **{**params, "font_file": font_path(params["font_file"]),
                                           "text_color": tuple(params["text_color"]),
                                           "meme_bg_color": tuple(params["meme_bg_color"])})
 
@@ -617,7 +584,7 @@ class BenchmarkSummary:
 
 
 class _Inputs:
-    """Reads input images once each, remembering what was unreadable or a duplicate."""
+    """Decodes input images, remembering which were unreadable, too small or byte-identical duplicates."""
 
     def __init__(self):
         self.skipped: list[tuple[str, str]] = []
@@ -639,12 +606,10 @@ class _Inputs:
             return None
         return image
 
-    def take(self, paths: Iterable[Path], count: int) -> list[Path]:
-        """The first ``count`` readable paths (a readability check; images are reloaded later)."""
-        taken = []
-        for path in paths:
-            if len(taken) == count:
-                break
+    def take(self, paths: Iterator[Path], count: int) -> list[Path]:
+        """The next ``count`` readable paths (a readability check; images are reloaded later)."""
+        taken: list[Path] = []
+        while len(taken) < count and (path := next(paths, None)) is not None:
             if self.load(path, MIN_SHORT_SIDE) is not None:
                 taken.append(path)
         return taken

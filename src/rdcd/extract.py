@@ -83,19 +83,26 @@ def _run_key(model: DescriptorModel, size: int, paths: Sequence[Path], chunk_siz
 def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os.PathLike | None = None,
             size: int | None = None, batch_size: int = 32, workers: int | None = None, strict: bool = False,
             chunk_size: int = 1024, progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-            draft: bool = False, resume: bool = True) -> ExtractResult:
+            draft: bool = False, resume: bool = True, runtime: str = "auto") -> ExtractResult:
     """Embed every image of a folder / file list / list of paths with ``model``.
 
     Writes ``output`` (``.h5`` DISC2021 layout or ``.npy`` + ids) when given, and the failures CSV
     beside it. Returns the ids (file stems, in input order, bad files left out), the vectors and
     the failures. Raises ``RuntimeError`` if nothing could be embedded, or if ``strict`` and any
     file failed (the good descriptors are written first, so no work is lost).
+
+    ``runtime``: ``auto`` runs a PyTorch model file on the CPU through ONNX Runtime (same
+    descriptors to fp32 rounding, faster; see ``rdcd.export.choose_runtime``), ``torch`` keeps
+    PyTorch, ``onnxruntime`` converts any PyTorch model.
     """
     du.init_distributed()
     torch.set_num_threads(du.cpu_threads_per_process())
-    if not isinstance(model, DescriptorModel):
-        kwargs = {"device": du.default_device()} if _is_torch_spec(model) else {}
-        model = load_model(model, **kwargs)
+    from .export import choose_runtime
+
+    from_file = not isinstance(model, DescriptorModel) and Path(model).is_file()
+    model, how = choose_runtime(resolve_model(model), runtime, from_file, du.cpu_threads_per_process())
+    if progress and du.is_main():
+        print(f"rdcd: {how}", file=sys.stderr)
     size = int(size or model.input_size)
     paths = list_images(images)
     ids_all = check_unique_ids(paths)
@@ -178,6 +185,17 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
         raise RuntimeError(f"{n_bad} file(s) could not be embedded and strict mode is on "
                            f"(the {n_ok} good descriptors were written)")
     return result
+
+
+def resolve_model(model: str | os.PathLike | DescriptorModel) -> DescriptorModel:
+    """The model ``extract`` embeds with: a DescriptorModel as is, else loaded (PyTorch ones on this rank's GPU, if any).
+
+    Load once and pass the result when embedding several sets: an untrained ``student:`` spec
+    gets new random weights at every load.
+    """
+    if isinstance(model, DescriptorModel):
+        return model
+    return load_model(model, **({"device": du.default_device()} if _is_torch_spec(model) else {}))
 
 
 def _is_torch_spec(model) -> bool:

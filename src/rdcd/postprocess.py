@@ -100,7 +100,8 @@ class PCAWhitening:
 
 
 class ScoreNormalizer:
-    """Score normalisation beta[i,j]: score(q, r) = q.r - beta * mean(q's similarities to the background at ranks i..j)."""
+    """Score normalisation beta[i,j]: score(q, r) = q.r - a(q), where a(q) = beta * mean of q's similarities
+    to its nearest background descriptors at ranks i..j (0-based)."""
 
     def __init__(
         self,

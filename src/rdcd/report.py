@@ -216,7 +216,8 @@ def _plot_precision_recall(predictions: Predictions, ground_truth, metrics: dict
     if metrics.get("recall_at_p90") is not None:
         axes.plot([metrics["recall_at_p90"]], [0.9], "o", color="tab:red",
                   label=f"recall@P90 {metrics['recall_at_p90']:.3f}")
-    axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision", title="Precision-recall (all queries pooled)")
+    axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
+             title="Precision-recall (all queries pooled)")
     axes.legend(loc="lower left")
     axes.grid(alpha=0.3)
     return figure

@@ -33,10 +33,14 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from ..benchmark import make_benchmark
 
-    summary = make_benchmark(args.images, args.output, references=args.references,
-                             queries_per_ref=args.queries_per_ref, negative_fraction=args.negative_fraction,
-                             distractors=args.distractors, background=args.background, seed=args.seed,
-                             recipe=args.recipe, overwrite=args.overwrite, progress=sys.stderr.isatty())
+    try:
+        summary = make_benchmark(args.images, args.output, references=args.references,
+                                 queries_per_ref=args.queries_per_ref, negative_fraction=args.negative_fraction,
+                                 distractors=args.distractors, background=args.background, seed=args.seed,
+                                 recipe=args.recipe, overwrite=args.overwrite, progress=sys.stderr.isatty())
+    except FileExistsError as e:
+        print(f"rdcd make-benchmark: error: {e} (--overwrite replaces an earlier benchmark)", file=sys.stderr)
+        return 1
     for path, reason in summary.skipped:
         print(f"rdcd make-benchmark: skipped {path}: {reason}", file=sys.stderr)
     for note in summary.notes:

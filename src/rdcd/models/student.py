@@ -229,6 +229,7 @@ class TorchImageModel(DescriptorModel):
         self.name = name
         self.device = torch.device(device)
         self.channels_last = channels_last
+        self.mean, self.std = tuple(mean), tuple(std)
         if channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0

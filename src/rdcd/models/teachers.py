@@ -93,19 +93,28 @@ class OnnxModel(DescriptorModel):
 
 
 class TorchScriptModel(TorchImageModel):
-    """SSCD's official TorchScript files (or any scripted module: normalised NCHW in, (n, d) out)."""
+    """SSCD's official TorchScript files (or any scripted module: normalised NCHW in, (n, d) out).
 
-    def __init__(self, path: str | os.PathLike, name: str | None = None, input_size: int = 288,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu"):
+    Files written by ``rdcd export --format torchscript`` carry an extra file ``rdcd.json`` with the
+    input size, normalisation and name; arguments given here override it."""
+
+    def __init__(self, path: str | os.PathLike, name: str | None = None, input_size: int | None = None,
+                 mean=None, std=None, device="cpu"):
         path = Path(path)
+        extra = {"rdcd.json": ""}
         try:
-            module = torch.jit.load(str(path), map_location=device)
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
         except Exception as e:
             raise ValueError(f"{path}: cannot load as TorchScript ({e})") from e
+        meta = json.loads(extra["rdcd.json"]) if extra["rdcd.json"] else {}
+        self.metadata = meta
         with torch.inference_mode():
             dim = module.eval()(torch.zeros(1, 3, 64, 64, device=device)).shape[-1]
-        super().__init__(module, dim=dim, input_size=input_size, mean=mean, std=std,
-                         name=name or path.name.split(".")[0], device=device, channels_last=False)
+        super().__init__(module, dim=dim, input_size=input_size or int(meta.get("rdcd.input_size", 288)),
+                         mean=mean or json.loads(meta.get("rdcd.mean", "null")) or IMAGENET_MEAN,
+                         std=std or json.loads(meta.get("rdcd.std", "null")) or IMAGENET_STD,
+                         name=name or meta.get("rdcd.name") or path.name.split(".")[0], device=device,
+                         channels_last=False)
 
 
 def build_sscd_torchvision(dims: int = 512, gem_p: float = 3.0) -> nn.Module:

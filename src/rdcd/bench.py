@@ -1,0 +1,318 @@
+"""Several models on one benchmark folder, in one run on one machine: the API behind ``rdcd bench``.
+
+For each model: embed ``queries/``, ``references/`` and ``train/`` (timing queries + references end
+to end, decoding included), match with per-query kNN (k = 10, exact inner product) with and without
+SSCD score normalisation (background = ``train/``, beta = 1, ranks 0..2), and score with the DISC2021
+metrics (docs/EVALUATION.md). Descriptors live in memory for one model at a time and are never
+cached on disk, so a run cannot pick up stale descriptors of an earlier one.
+
+Storage convention (``bytes_per_image``): what one image's descriptor needs when stored as the
+model means it: float32 descriptors 4 * dim bytes; binary hashes one bit per dimension
+(pHash 64 bits = 8 bytes, PDQ 256 bits = 32 bytes), since their unit vectors (2b - 1) / sqrt(n)
+are fixed by the bits.
+
+Breakdown by edit (``uAP_by_edit``, needs ``edits.csv``): for an op name ``o``, the positives are
+the queries that have a match in the ground truth and whose recipe (op names joined by ``+``)
+contains ``o``; the distractors are ALL queries without a match (whatever their edits). uAP_o is
+the uAP of the predictions of these queries only, against their ground truth, so its N is the
+number of such positives (``n_positives``, given with each figure). A query with several ops
+counts towards each of them.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import platform
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from rdcd.images import list_images
+from rdcd.metrics import Predictions, evaluate, read_ground_truth
+from rdcd.models import DescriptorModel
+
+log = logging.getLogger(__name__)
+
+#: score normalisation used for ``uAP_sn``: SSCD's beta[0, 2] with beta = 1
+SCORE_NORM_BETA = 1.0
+SCORE_NORM_RANKS = (0, 2)
+
+#: columns of the summary table: (title, result key, format)
+TABLE_COLUMNS = (
+    ("model", "model", "{}"),
+    ("dim", "dim", "{}"),
+    ("bytes", "bytes_per_image", "{}"),
+    ("img/s", "images_per_second", "{:.1f}"),
+    ("uAP", "uAP", "{:.3f}"),
+    ("uAP_sn", "uAP_sn", "{:.3f}"),
+    ("R@P90", "recall_at_p90", "{:.3f}"),
+    ("acc@1", "acc_at_1", "{:.3f}"),
+)
+NOT_REACHED = "-"
+
+
+@dataclass
+class BenchmarkFolder:
+    """A DISC2021-like benchmark folder: image lists, ground truth and (optionally) the edits of each query."""
+
+    root: Path
+    queries: list[Path]
+    references: list[Path]
+    train: list[Path]
+    ground_truth: dict[str, str | None]
+    edits: dict[str, tuple[str, ...]] | None  # query id -> op names, None without edits.csv
+
+    @classmethod
+    def read(cls, root: str | os.PathLike) -> "BenchmarkFolder":
+        root = Path(root)
+        missing = [name for name in ("queries", "references", "train", "ground_truth.csv")
+                   if not (root / name).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{root}: not a benchmark folder, {', '.join(missing)} missing; expected queries/, references/, "
+                "train/ and ground_truth.csv (as written by `rdcd make-benchmark`)"
+            )
+        folder = cls(root, list_images(root / "queries"), list_images(root / "references"),
+                     list_images(root / "train"), read_ground_truth(root / "ground_truth.csv"),
+                     read_edits(root / "edits.csv") if (root / "edits.csv").exists() else None)
+        folder._check()
+        return folder
+
+    def _check(self) -> None:
+        query_ids = {p.stem for p in self.queries}
+        reference_ids = {p.stem for p in self.references}
+        for what, ids, files in (
+            ("queries", {q for q in self.ground_truth}, query_ids),
+            ("references", {r for r in self.ground_truth.values() if r}, reference_ids),
+        ):
+            absent = sorted(ids - files)
+            if absent:
+                raise ValueError(
+                    f"{self.root / 'ground_truth.csv'} names {len(absent)} {what} with no image in "
+                    f"{self.root / what}/ (first: {absent[0]}); is it the ground truth of this benchmark?"
+                )
+        if not any(self.ground_truth.values()):
+            raise ValueError(f"{self.root / 'ground_truth.csv'}: no query has a matching reference; uAP is undefined")
+
+
+def read_edits(path: str | os.PathLike) -> dict[str, tuple[str, ...]]:
+    """``edits.csv`` (query_id,recipe,...) -> {query_id: op names}; the recipe is the op names joined by ``+``."""
+    path = Path(path)
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not {"query_id", "recipe"} <= set(reader.fieldnames or ()):
+            raise ValueError(f"{path}: expected columns query_id,recipe[,ops]; found {reader.fieldnames}")
+        return {row["query_id"]: tuple(op for op in row["recipe"].split("+") if op) for row in reader}
+
+
+def bytes_per_image(model: DescriptorModel) -> int:
+    """Storage per image under the module's convention: d / 8 for binary hashes, 4 * d for float32."""
+    from rdcd.models.hashes import PDQModel, PHashModel
+
+    return model.dim // 8 if isinstance(model, (PHashModel, PDQModel)) else 4 * model.dim
+
+
+def uap_by_edit(predictions: Predictions, ground_truth: Mapping[str, str | None],
+                edits: Mapping[str, Sequence[str]]) -> dict[str, dict]:
+    """{op: {"n_positives", "uAP"}} as defined in the module docstring, ops sorted by name."""
+    negatives = {q for q, r in ground_truth.items() if not r}
+    is_negative = np.isin(predictions.query_ids, list(negatives))
+    by_op: dict[str, list[str]] = {}
+    for query, ops in edits.items():
+        if ground_truth.get(query):
+            for op in set(ops):
+                by_op.setdefault(op, []).append(query)
+    breakdown = {}
+    for op in sorted(by_op):
+        positives = by_op[op]
+        kept = is_negative | np.isin(predictions.query_ids, positives)
+        truth = {q: ground_truth[q] for q in positives} | dict.fromkeys(negatives)
+        breakdown[op] = {"n_positives": len(positives), "uAP": evaluate(predictions.subset(kept), truth)["uAP"]}
+    return breakdown
+
+
+def run_bench(
+    benchmark_dir: str | os.PathLike,
+    models: Sequence[str | os.PathLike | DescriptorModel],
+    k: int = 10,
+    size: int | None = None,
+    batch_size: int = 32,
+    report_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Evaluate each model on the benchmark folder; one dict per model, in the order given.
+
+    ``size``: input size (pixels, square) for every model instead of each model's own. Each dict
+    holds ``model``, ``dim``, ``bytes_per_image``, ``input_size``, ``images_per_second`` (queries +
+    references, end to end), ``uAP``, ``recall_at_p90``, ``threshold_at_p90``, ``acc_at_1``,
+    ``recall_at_10``, the same with score normalisation (``uAP_sn``, ``recall_at_p90_sn``...),
+    ``n_queries``, ``n_gt``, ``n_failures`` and ``uAP_by_edit`` ({op: {n_positives, uAP, uAP_sn}},
+    None without edits.csv). ``report_dir``: also one HTML report per model (kNN predictions
+    without score normalisation). Untrained students get their random layers from torch seed 0, so
+    a run gives the same numbers every time (timings aside).
+    """
+    if not models:
+        raise ValueError("no model to benchmark; give at least one model name or file")
+    names = [m.name if isinstance(m, DescriptorModel) else str(m) for m in models]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"model {repeated[0]!r} is listed twice; list each model once")
+    bench = BenchmarkFolder.read(benchmark_dir)
+    return [_bench_one(model, bench, k, size, batch_size, report_dir, progress) for model in models]
+
+
+def _bench_one(spec, bench: BenchmarkFolder, k: int, size: int | None, batch_size: int,
+               report_dir, progress: bool) -> dict:
+    from rdcd.extract import extract
+    from rdcd.match import match
+
+    model = _load_seeded(spec)
+    label = spec if isinstance(spec, (str, os.PathLike)) else model.name
+    log.info("bench: %s", label)
+    sets = {}
+    for name, paths in (("queries", bench.queries), ("references", bench.references), ("train", bench.train)):
+        sets[name] = extract(model, paths, size=size, batch_size=batch_size, progress=progress)
+    timed = (sets["queries"], sets["references"])
+    n_timed = sum(len(s.ids) + len(s.failures) for s in timed)
+    seconds = sum(s.seconds for s in timed)
+
+    result = {
+        "model": str(label),
+        "dim": int(model.dim),
+        "bytes_per_image": bytes_per_image(model),
+        "input_size": int(size or model.input_size),
+        "images_per_second": n_timed / seconds if seconds > 0 else None,
+        "extract_seconds": seconds,
+        "n_images_timed": n_timed,
+        "n_failures": sum(len(s.failures) for s in sets.values()),
+        "k": int(k),
+        "n_queries": len(bench.queries),
+    }
+    queries, references, train = ((s.ids, s.vectors) for s in sets.values())
+    by_edit: dict[str, dict] = {}
+    for suffix, score_norm in (("", False), ("_sn", True)):
+        predictions = match(queries, references, background=train if score_norm else None, k=k,
+                            score_norm=score_norm, beta=SCORE_NORM_BETA, ranks=SCORE_NORM_RANKS)
+        metrics = evaluate(predictions, bench.ground_truth)
+        for key in ("uAP", "recall_at_p90", "threshold_at_p90", "acc_at_1", "recall_at_10"):
+            result[key + suffix] = metrics[key]
+        result["n_gt"] = metrics["n_gt"]
+        if bench.edits is not None:
+            for op, row in uap_by_edit(predictions, bench.ground_truth, bench.edits).items():
+                by_edit.setdefault(op, {"n_positives": row["n_positives"]})["uAP" + suffix] = row["uAP"]
+        if report_dir is not None and not score_norm:
+            from rdcd.report import write_report
+
+            path = Path(report_dir) / f"{safe_filename(str(label))}.html"
+            write_report(path, predictions, bench.ground_truth, metrics, query_dir=bench.root / "queries",
+                         reference_dir=bench.root / "references",
+                         title=f"rdcd bench: {label} on {bench.root.name} (k={k})")
+            result["report"] = str(path)
+    result["uAP_by_edit"] = by_edit if bench.edits is not None else None
+    return result
+
+
+def _load_seeded(spec) -> DescriptorModel:
+    """Load once (an untrained student must embed every set with the same weights), with torch's RNG
+    seeded, so that the random layers of an untrained student, and its numbers, are the same in every
+    run; the caller's RNG state is left as it was."""
+    import torch
+
+    from rdcd.extract import resolve_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return resolve_model(spec)
+
+
+def safe_filename(name: str) -> str:
+    """``student:tf_efficientnet_lite0:128`` -> ``student_tf_efficientnet_lite0_128``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+# ------------------------------------------------------------------------------------ presentation
+
+
+def machine_description() -> str:
+    """CPU model and cores (from /proc/cpuinfo where there is one), the GPU if PyTorch sees one, and the
+    current load average (other jobs on the machine slow extraction down; call it before the run)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parts = [f"{cpu}, {usable} cores usable of {os.cpu_count()}"]
+    import torch
+
+    if torch.cuda.is_available():
+        parts.append(f"GPU {torch.cuda.get_device_name(0)}")
+    if hasattr(os, "getloadavg"):
+        parts.append(f"1-min load average {os.getloadavg()[0]:.1f} at the start")
+    return "; ".join(parts)
+
+
+def _cell(result: dict, key: str, fmt: str) -> str:
+    value = result.get(key)
+    return NOT_REACHED if value is None else fmt.format(value)
+
+
+def format_table(results: Sequence[dict], markdown: bool = False) -> str:
+    """The summary table (one row per model), aligned text or a Markdown table."""
+    header = [title for title, _, _ in TABLE_COLUMNS]
+    rows = [[_cell(r, key, fmt) for _, key, fmt in TABLE_COLUMNS] for r in results]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(c) for c in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in [header, *rows])
+
+
+def counts_line(results: Sequence[dict]) -> str:
+    first = results[0]
+    return (f"{first['n_queries']} queries, {first['n_gt']} of them with a matching reference (n_gt); "
+            f"k = {first['k']} candidates per query; {NOT_REACHED} in R@P90: precision 0.9 never reached")
+
+
+def format_edit_table(results: Sequence[dict]) -> str | None:
+    """Markdown table of uAP per edit op (rows) and model (columns), with each op's number of positives."""
+    ops = sorted({op for r in results for op in (r.get("uAP_by_edit") or {})})
+    if not ops:
+        return None
+    lines = ["| op | positives | " + " | ".join(r["model"] for r in results) + " |",
+             "|---|---:|" + "---:|" * len(results)]
+    for op in ops:
+        cells = [r["uAP_by_edit"].get(op) for r in results]
+        n = next(c["n_positives"] for c in cells if c)
+        lines.append(f"| {op} | {n} | " + " | ".join(
+            f"{c['uAP']:.3f} ({c['uAP_sn']:.3f})" if c else NOT_REACHED for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def format_markdown(results: Sequence[dict], command: str, machine: str, date: str | None = None,
+                    note: str | None = None) -> str:
+    """A section ready for BENCHMARKS.md: command, machine, date, summary table, per-edit table."""
+    date = date or time.strftime("%Y-%m-%d")
+    parts = [
+        f"Command: `{command}`", "",
+        f"Machine: {machine}. Date: {date}.", "",
+        format_table(results, markdown=True), "",
+        counts_line(results) + ". img/s: queries + references, end to end (decoding, resizing, model); "
+        "bytes: float32 descriptors 4 x dim, binary hashes 1 bit per dimension. "
+        "uAP_sn: score normalisation on train/ (beta 1, ranks 0..2).",
+    ]
+    if note:
+        parts += ["", note]
+    edit_table = format_edit_table(results)
+    if edit_table:
+        parts += ["", "uAP by edit op, without (and with) score normalisation: positives = matching queries "
+                      "whose recipe has the op; every query without a match is kept as a distractor.", "",
+                  edit_table]
+    return "\n".join(parts) + "\n"

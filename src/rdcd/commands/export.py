@@ -1,0 +1,44 @@
+"""rdcd export: a PyTorch descriptor model -> ONNX (fp32/fp16/int8) or TorchScript file."""
+from __future__ import annotations
+
+import sys
+
+from .common import add_model_argument
+
+
+def register(subparsers) -> None:
+    from ..export import FORMATS, PRECISIONS, QUANT_FORMATS, ExportConfig
+
+    d = ExportConfig()
+    p = subparsers.add_parser("export", help="export a model to ONNX or TorchScript for deployment",
+                              description="Write a standalone model file. ONNX: input 'image' uint8 RGB NHWC "
+                                          "(normalisation inside), output 'embedding' (L2-normalised); dynamic "
+                                          "batch and image size; see docs/export.md. TorchScript: normalised "
+                                          "float NCHW in, like SSCD's files.")
+    add_model_argument(p)
+    p.add_argument("--format", choices=FORMATS, default=d.format)
+    p.add_argument("--output", required=True, help="file to write (e.g. model.onnx, model.torchscript.pt)")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="ONNX only: fp16 weights, or int8 static quantisation (needs --calibration); "
+                        "default: %(default)s")
+    p.add_argument("--calibration", default=None,
+                   help="int8: image folder or file list like the images you will embed (100-500 images)")
+    p.add_argument("--calibration-size", type=int, default=d.calibration_size,
+                   help="int8: images used for calibration (default: %(default)s)")
+    p.add_argument("--quant-format", choices=QUANT_FORMATS, default=d.quant_format,
+                   help="int8 graph form (default: %(default)s, the faster one on the CPU we measured)")
+    p.add_argument("--opset", type=int, default=d.opset, help="ONNX opset (default: %(default)s)")
+    p.add_argument("--size", type=int, default=None,
+                   help="input size written to the metadata and used for calibration (default: the model's)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..export import ExportConfig, export
+
+    config = ExportConfig(format=args.format, precision=args.precision, opset=args.opset,
+                          calibration=args.calibration, calibration_size=args.calibration_size,
+                          quant_format=args.quant_format, input_size=args.size)
+    path = export(args.model, args.output, config)
+    print(f"rdcd: {args.model} -> {path} ({args.format} {args.precision})", file=sys.stderr)
+    return 0

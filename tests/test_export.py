@@ -1,0 +1,189 @@
+"""Export: ONNX / TorchScript files match PyTorch, have dynamic batch and size, carry their metadata,
+load back through load_model / `rdcd extract`, and are written atomically."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import picture
+from rdcd.descriptors import read_descriptors
+from rdcd.export import ExportConfig, export
+from rdcd.models import load_model
+from rdcd.models.student import build_student, save_student
+from rdcd.models.teachers import OnnxModel, TorchScriptModel
+
+
+def pictures(first: int, n: int, size: int) -> np.ndarray:
+    return np.stack([np.asarray(picture(first + i, (size, size))) for i in range(n)])
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def student_file(tmp_path_factory):
+    """A MobileNetV3 student at 64 px whose batch-norm statistics come from pictures (a random
+    network with untouched statistics maps every image to nearly the same descriptor)."""
+    import torch
+
+    torch.manual_seed(0)
+    net = build_student("mobilenetv3_large_100", dim=32, kd_dim=64, input_size=64, name="tiny-mnv3")
+    x = torch.from_numpy(pictures(500, 32, 64)).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(net.config.mean).view(1, 3, 1, 1)) / torch.tensor(net.config.std).view(1, 3, 1, 1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the one batch
+    net.train()
+    with torch.no_grad():
+        net(x)
+    path = tmp_path_factory.mktemp("export") / "student.pt"
+    save_student(net.eval(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(student_file):
+    return load_model(student_file)
+
+
+@pytest.fixture(scope="module")
+def onnx_fp32(student_file, tmp_path_factory):
+    return export(student_file, tmp_path_factory.mktemp("onnx") / "student.onnx")
+
+
+def test_onnx_fp32_matches_pytorch_for_any_batch_and_size(onnx_fp32, reference):
+    model = load_model(onnx_fp32)
+    assert isinstance(model, OnnxModel) and model.layout == "uint8-nhwc"
+    for batch, size in [(1, 64), (5, 64), (1, 96), (5, 96)]:
+        images = pictures(10, batch, size)
+        got, want = model.embed(images), reference.embed(images)
+        assert got.shape == (batch, 32)
+        assert cosines(got, want).min() >= 0.9999, (batch, size)
+
+
+def test_onnx_graph_does_normalisation_and_l2_inside(onnx_fp32, reference):
+    session = ort.InferenceSession(str(onnx_fp32))
+    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    assert (inp.name, inp.type, out.name, out.type) == ("image", "tensor(uint8)", "embedding", "tensor(float)")
+    assert inp.shape[0] == "batch" and inp.shape[1:3] == ["height", "width"] and inp.shape[3] == 3
+    images = pictures(20, 3, 80)
+    raw = session.run(None, {"image": images})[0]  # the raw graph output, no rdcd code in between
+    np.testing.assert_allclose(np.linalg.norm(raw, axis=1), 1, atol=1e-5)
+    assert cosines(raw, reference.embed(images)).min() >= 0.9999
+
+
+def test_onnx_metadata(onnx_fp32, student_file):
+    meta = {p.key: p.value for p in onnx.load(str(onnx_fp32)).metadata_props}
+    assert meta["rdcd.input_size"] == "64" and meta["rdcd.dim"] == "32" and meta["rdcd.name"] == "tiny-mnv3"
+    assert json.loads(meta["rdcd.mean"]) == [0.485, 0.456, 0.406]
+    assert json.loads(meta["rdcd.std"]) == [0.229, 0.224, 0.225]
+    assert meta["rdcd.input_convention"].startswith("uint8 RGB NHWC")
+    assert meta["rdcd.precision"] == "fp32"
+    assert json.loads(meta["rdcd.config"])["backbone"] == "mobilenetv3_large_100"
+    assert json.loads(meta["rdcd.export"])["format"] == "onnx"
+    assert load_model(onnx_fp32).input_size == 64
+
+
+@pytest.mark.slow
+def test_torchscript_equals_pytorch(student_file, reference, tmp_path):
+    path = export(student_file, tmp_path / "student.torchscript.pt", format="torchscript")
+    model = load_model(path)
+    assert isinstance(model, TorchScriptModel)
+    assert (model.name, model.input_size, model.dim) == ("tiny-mnv3", 64, 32)
+    assert model.mean == reference.mean and model.std == reference.std
+    for batch, size in [(1, 64), (5, 96)]:
+        images = pictures(30, batch, size)
+        np.testing.assert_allclose(model.embed(images), reference.embed(images), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_int8_close_to_fp32_and_keeps_neighbours(student_file, reference, tmp_path):
+    calib = tmp_path / "calibration"
+    calib.mkdir()
+    for i in range(40):
+        picture(200 + i, (120, 90)).save(calib / f"c{i:02d}.jpg", quality=90)
+    (calib / "broken.jpg").write_bytes(b"not a jpeg")  # skipped, not fatal
+    path = export(student_file, tmp_path / "student.int8.onnx", precision="int8", calibration=calib)
+    graph = onnx.load(str(path))
+    assert any(n.op_type == "DequantizeLinear" for n in graph.graph.node), "no quantised layer in the graph"
+    assert {p.key: p.value for p in graph.metadata_props}["rdcd.precision"] == "int8"
+    images = pictures(300, 24, 64)
+    got, want = load_model(path).embed(images), reference.embed(images)
+    # An untrained network is very sensitive to any change of its input or activations (+-2 grey
+    # levels of pixel noise alone give a mean cosine of 0.94 here), so the 0.99 a trained model should
+    # reach is out of reach; measured 0.85. What must hold: close, and the same nearest neighbours.
+    assert cosines(got, want).mean() >= 0.8
+    # every image's nearest fp32 descriptor is its own: int8 keeps who-matches-whom
+    assert np.array_equal((got @ want.T).argmax(axis=1), np.arange(len(images)))
+
+
+@pytest.mark.slow
+def test_fp16_close_to_fp32(student_file, reference, tmp_path):
+    path = export(student_file, tmp_path / "student.fp16.onnx", precision="fp16")
+    images = pictures(40, 5, 64)
+    assert cosines(load_model(path).embed(images), reference.embed(images)).min() >= 0.999
+
+
+def test_bad_requests_say_what_to_do(student_file, tmp_path):
+    with pytest.raises(ValueError, match="--calibration"):
+        export(student_file, tmp_path / "x.onnx", precision="int8")
+    with pytest.raises(ValueError, match="fp32 only"):
+        export(student_file, tmp_path / "x.pt", format="torchscript", precision="fp16")
+    with pytest.raises(ValueError, match="only PyTorch models"):
+        export("phash", tmp_path / "x.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_interrupted_export_leaves_no_file(student_file, tmp_path, monkeypatch):
+    def killed(graph, path, *args, **kwargs):
+        with open(path, "wb") as fh:
+            fh.write(b"half a model")
+        raise KeyboardInterrupt("simulated kill while writing")
+
+    monkeypatch.setattr(onnx, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export(student_file, tmp_path / "student.onnx")
+    assert not list(tmp_path.iterdir()), "a partial or temporary file was left behind"
+
+
+@pytest.mark.slow
+def test_cli_export_then_extract(student_file, image_folder, tmp_path):
+    out = tmp_path / "cli.onnx"
+    run = [sys.executable, "-m", "rdcd"]
+    res = subprocess.run(run + ["export", "--model", str(student_file), "--output", str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = subprocess.run(run + ["extract", "--model", str(out), "--images", str(image_folder), "--output",
+                                str(tmp_path / "d.npy")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ids, vec = read_descriptors(tmp_path / "d.npy")
+    want = load_model(student_file)
+    from rdcd.images import load_image_array
+
+    images = np.stack([load_image_array(image_folder / f"{i}.jpg", 64) for i in ids])
+    assert cosines(vec, want.embed(images)).min() >= 0.9999
+
+
+def test_extract_runs_a_student_file_through_cached_onnx_runtime(student_file, image_folder, tmp_path, monkeypatch,
+                                                                   capsys):
+    from rdcd.extract import extract
+
+    monkeypatch.setenv("RDCD_CACHE_DIR", str(tmp_path / "cache"))
+    fast = extract(student_file, image_folder, size=64)
+    assert "runs with ONNX Runtime" in capsys.readouterr().err
+    cached = list((tmp_path / "cache" / "onnx").glob("*.onnx"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    again = extract(student_file, image_folder, size=64, progress=False)
+    assert cached[0].stat().st_mtime_ns == stamp, "the cached export must be reused, not rewritten"
+    slow = extract(student_file, image_folder, size=64, runtime="torch")
+    assert "runs with PyTorch" in capsys.readouterr().err
+    assert fast.ids == slow.ids == again.ids
+    assert cosines(fast.vectors, slow.vectors).min() >= 0.9999
+    np.testing.assert_allclose(fast.vectors, slow.vectors, atol=1e-5)

