@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     started = time.time()
 
-    out = [f"# CPU inference benchmark\n",
+    out = ["# CPU inference benchmark\n",
            f"`{shlex.join(['python', 'scripts/bench_inference.py'] + sys.argv[1:])}`\n",
            f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
            f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores, {args.threads} thread(s) used",

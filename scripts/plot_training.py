@@ -84,7 +84,7 @@ def plot(run: Path, output: Path, window: int) -> None:
     steps, values = column(rows, "lr")
     lr_ax.plot(steps, values, color="0.5", ls="--", label="learning rate")
     lr_ax.set_ylabel("learning rate")
-    ax.set_title(f"effective rank (of {c['dim']}) and LR")
+    ax.set_title(f"effective rank (at most {min(c['dim'], r['global_batch'])}) and LR")
     lines = ax.get_lines() + lr_ax.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center right")
 

