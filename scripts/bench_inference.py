@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rdcd.machine import cpu_model
 from rdcd.export import export
 from rdcd.extract import extract
 from rdcd.images import list_images, load_image_array, open_image, resize_square
@@ -33,17 +34,6 @@ from rdcd.models.student import OFFLINE_PRETRAINED, build_student, load_student,
 from rdcd.models.teachers import cpu_threads
 
 DEVBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "devbench"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def best_time(fn, repeats: int) -> float:

@@ -20,18 +20,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from rdcd.machine import cpu_model
 from rdcd.search import Index, set_threads
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def unit(x: np.ndarray) -> np.ndarray:

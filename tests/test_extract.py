@@ -109,7 +109,7 @@ def test_resume_after_crash_recomputes_nothing(image_folder, tmp_path, tiny_mode
     assert not out.exists()
     assert len(list((tmp_path / "r.h5.partial").glob("chunk_*.npz"))) == 1  # 3 batches of 2 = chunk 0 only
     counting = CountingModel(tiny_model)
-    r = extract(counting, image_folder, output=out, chunk_size=4, batch_size=2, progress=False)
+    extract(counting, image_folder, output=out, chunk_size=4, batch_size=2, progress=False)
     assert counting.images == 12 - 4, "finished chunk must not be recomputed"
     ids, vec = read_descriptors(out)
     assert ids == reference.ids and len(set(ids)) == 12

@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import platform
 import re
 import time
 from dataclasses import dataclass
@@ -241,14 +240,9 @@ def safe_filename(name: str) -> str:
 def machine_description() -> str:
     """CPU model and cores (from /proc/cpuinfo where there is one), the GPU if PyTorch sees one, and the
     current load average (other jobs on the machine slow extraction down; call it before the run)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    parts = [f"{cpu}, {usable} cores usable of {os.cpu_count()}"]
+    from .machine import cpu_model, usable_cores
+
+    parts = [f"{cpu_model()}, {usable_cores()} cores usable of {os.cpu_count()}"]
     import torch
 
     if torch.cuda.is_available():
