@@ -67,11 +67,12 @@ def plot(run: Path, output: Path, window: int) -> None:
         ax.set_xlabel("step")
 
     ax = axes[1, 0]
-    for key, label, color in [("pos_cos", "positive pair", "C2"), ("hardest_neg_cos", "hardest negative", "C3"),
-                              ("neg_cos", "mean negative", "C7")]:
+    for key, label, color in [("pos_cos", "z_S . positive key", "C2"), ("hardest_neg_cos", "z_S . hardest negative", "C3"),
+                              ("neg_cos", "z_S . mean negative", "C7"), ("teacher_cos", "cos(h_S, h_T)", "C0")]:
         steps, values = column(rows, key)
-        ax.plot(steps, smooth(values, window), color=color, label=label)
-    ax.set_title("descriptor cosines (vs key queue)")
+        if len(steps):
+            ax.plot(steps, smooth(values, window), color=color, label=label)
+    ax.set_title("cosines (descriptor vs key queue; student vs teacher)")
     ax.set_xlabel("step")
     ax.legend(fontsize=8)
 

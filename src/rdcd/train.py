@@ -819,9 +819,10 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
          f"({teacher_dim}-d)"
          f"{' in the data workers' if teacher_in_workers else ''}, student {config.student} -> "
          f"{config.dim}-d, {config.size}px, {workers} data worker(s), {threads} thread(s), device {device}")
-    if device.type == "cpu" and workers > 0 and "OMP_WAIT_POLICY" not in os.environ:
-        _log("rdcd train: hint: on a CPU shared with data workers or other jobs, OMP_WAIT_POLICY=PASSIVE in the "
-             "environment avoids OpenMP busy-waiting (2.5x faster steps measured on 2 busy cores, docs/training.md)")
+    busy = os.getloadavg()[0] > (os.cpu_count() or 1)
+    if device.type == "cpu" and busy and "OMP_WAIT_POLICY" not in os.environ:
+        _log("rdcd train: hint: the CPU is already busy; OMP_WAIT_POLICY=PASSIVE in the environment stops OpenMP "
+             "threads busy-waiting for a core (2.6x faster steps on 2 overloaded cores, docs/training.md)")
     if config.val_benchmark and start_step == 0:
         validate_now(0)
 
@@ -945,6 +946,6 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         if not summary["replicas_identical"]:
             print("rdcd train: WARNING: the processes ended with different weights", file=sys.stderr)
         _log(f"rdcd train: {'finished' if model_path else 'stopped'} at step {step}"
-             + (f", model -> {model_path}" if model_path else f"; continue with --resume"))
+             + (f", model -> {model_path}" if model_path else "; continue with --resume"))
     du.barrier()
     return TrainResult(output, model_path, step, schedule.total_steps, summary)
