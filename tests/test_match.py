@@ -113,3 +113,16 @@ def test_match_image_folders_use_one_model_load(image_folder, tmp_path):
     for q, r, s in preds.rows():
         assert q == r and s > 0.999, (q, r, s)
     assert (tmp_path / "desc" / "queries.h5").exists() and (tmp_path / "desc" / "references.h5").exists()
+
+
+def test_match_with_a_student_file_keeps_extracts_onnx_runtime_path(image_folder, tiny_student_file, tmp_path,
+                                                                    monkeypatch, caplog):
+    import logging
+
+    from rdcd.match import match
+
+    monkeypatch.setenv("RDCD_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level(logging.INFO, logger="rdcd.match"):
+        preds = match(image_folder, image_folder, model=tiny_student_file, k=1)
+    assert "ONNX Runtime" in caplog.text
+    assert all(q == r for q, r, _ in preds.rows())

@@ -97,10 +97,7 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
     """
     du.init_distributed()
     torch.set_num_threads(du.cpu_threads_per_process())
-    from .export import choose_runtime
-
-    from_file = not isinstance(model, DescriptorModel) and Path(model).is_file()
-    model, how = choose_runtime(resolve_model(model), runtime, from_file, du.cpu_threads_per_process())
+    model, how = prepare_model(model, runtime)
     if progress and du.is_main():
         print(f"rdcd: {how}", file=sys.stderr)
     size = int(size or model.input_size)
@@ -185,6 +182,15 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
         raise RuntimeError(f"{n_bad} file(s) could not be embedded and strict mode is on "
                            f"(the {n_ok} good descriptors were written)")
     return result
+
+
+def prepare_model(model: str | os.PathLike | DescriptorModel, runtime: str = "auto") -> tuple[DescriptorModel, str]:
+    """Load ``model`` once and pick how it runs (``rdcd.export.choose_runtime``); returns it and a line
+    saying how. Callers embedding several sets (``rdcd.match``) call this once and pass the result."""
+    from .export import choose_runtime
+
+    from_file = not isinstance(model, DescriptorModel) and Path(model).is_file()
+    return choose_runtime(resolve_model(model), runtime, from_file, du.cpu_threads_per_process())
 
 
 def resolve_model(model: str | os.PathLike | DescriptorModel) -> DescriptorModel:

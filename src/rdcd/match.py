@@ -137,9 +137,11 @@ def match(
         )
     set_threads(threads)
     if model is not None and any(is_image_source(s) for s in sets):
-        from rdcd.extract import resolve_model
+        from rdcd.extract import prepare_model
 
-        model = resolve_model(model)  # load once: every image set must be embedded by the same weights
+        # load once (every image set must be embedded by the same weights), keeping extract's runtime choice
+        model, how = prepare_model(model)
+        log.info("%s", how)
     load = dict(model=model, keep_descriptors_dir=keep_descriptors_dir, batch_size=batch_size, workers=workers)
     query_ids, query_vectors = load_set(queries, name="queries", **load)
     reference_ids, reference_vectors = load_set(references, name="references", **load)
