@@ -473,3 +473,90 @@ def test_config_json_reads_back_as_a_train_config(tmp_path, train_images):
     record = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
     config = TrainConfig.from_dict(record)
     assert config.loss == LossConfig(queue_size=12) and config.steps == 1 and config.teacher == "<TorchImageModel tiny-teacher>"
+
+
+# ------------------------------------------------------------------------------------------ short-budget options
+
+def test_frozen_bn_keeps_running_statistics_and_trains_affine(tmp_path, train_images):
+    from rdcd.train import set_train_mode
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    set_train_mode(net, "frozen")
+    assert net.training and not net[1].training
+    before = net[1].running_mean.clone()
+    net(torch.randn(2, 3, 8, 8) + 5).sum().backward()
+    assert torch.equal(net[1].running_mean, before)  # statistics untouched
+    assert net[1].weight.grad is not None  # affine still learns
+    set_train_mode(net, "batch")
+    net(torch.randn(2, 3, 8, 8) + 5)
+    assert not torch.equal(net[1].running_mean, before)
+    with pytest.raises(ValueError, match="bn must be"):
+        set_train_mode(net, "sync")
+
+    # a whole run with frozen BN leaves the student's running statistics exactly as initialised
+    from rdcd.models.student import load_student
+    result = train(tiny_config(train_images, tmp_path / "run", tiny_torch_teacher(), bn="frozen"))
+    trained = load_student(result.model_path)
+    torch.manual_seed(0)
+    from rdcd.models.student import build_student
+    fresh = build_student("mobilenetv3_large_100", dim=16, kd_dim=24, input_size=48)
+    for (name, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()):
+        if "running" in name:
+            assert torch.equal(a, b), name
+
+
+def test_head_lr_multiplies_the_new_layers_learning_rate():
+    from rdcd.models.student import build_student
+    from rdcd.train import parameter_groups
+
+    net = build_student("mobilenetv3_large_100", dim=8, kd_dim=16, input_size=32)
+    body, head = parameter_groups(net, 0.01, 20.0)
+    assert body["lr"] == 0.01 and head["lr"] == pytest.approx(0.2)
+    head_ids = {id(p) for p in head["params"]}
+    assert head_ids == {id(p) for p in (*net.fc.parameters(), *net.projector.parameters())}
+    assert len(body["params"]) + len(head["params"]) == len(list(net.parameters()))
+
+
+def test_head_init_fits_fc_to_the_teacher(tmp_path, train_images):
+    from rdcd.images import list_images
+    from rdcd.models.student import build_student
+    from rdcd.train import fit_head_to_teacher
+
+    teacher = FrozenTeacher(tiny_torch_teacher())
+    torch.manual_seed(0)
+    net = build_student("mobilenetv3_large_100", dim=8, kd_dim=24, input_size=48)
+    paths = list_images(train_images)
+    views = torch.stack([build_augmentation("light", 48, normalize=False)(picture(i), i) for i in range(12)])
+    norm = Normalize(net.config.mean, net.config.std, torch.device("cpu"), False)
+
+    def cos_to_teacher():
+        net.eval()
+        with torch.no_grad():
+            h, _ = net.forward_features(norm(views))
+            return torch.nn.functional.cosine_similarity(h, teacher(views)).mean().item()
+
+    before = cos_to_teacher()
+    fit = fit_head_to_teacher(net, teacher, paths, 48, 16, seed=0, device=torch.device("cpu"), ridge=1e-3)
+    assert fit["images"] == 16  # the corrupt file is passed over
+    assert fit["fit_cosine"] > 0.9
+    assert cos_to_teacher() > max(0.5, before + 0.3)  # on other views too
+    # projector rows are orthonormal principal directions
+    w = net.projector.weight.detach()
+    assert torch.allclose(w @ w.T, torch.eye(8), atol=1e-4)
+    # deterministic
+    net2 = build_student("mobilenetv3_large_100", dim=8, kd_dim=24, input_size=48)
+    net2.load_state_dict({k: v for k, v in net.state_dict().items()})
+    torch.manual_seed(1)
+    fit_head_to_teacher(net2, teacher, paths, 48, 16, seed=0, device=torch.device("cpu"), ridge=1e-3)
+    assert torch.equal(net2.fc.weight, net.fc.weight)
+
+
+def test_cli_short_budget_options_reach_the_config(tmp_path, train_images):
+    from rdcd.cli import main
+
+    teacher = tiny_onnx_teacher(tmp_path / "t.onnx")
+    assert main(tiny_args(train_images, tmp_path / "run", teacher, "--steps", "2", "--bn", "frozen",
+                          "--head-lr", "5", "--head-init", "teacher", "--head-init-images", "16")) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert (config["bn"], config["head_lr"], config["head_init"], config["head_init_images"]) == \
+        ("frozen", 5.0, "teacher", 16)

@@ -188,7 +188,10 @@ def prepare_model(model: str | os.PathLike | DescriptorModel, runtime: str = "au
     """Load ``model`` once and pick how it runs (``rdcd.export.choose_runtime``); returns it and a line
     saying how. Callers embedding several sets (``rdcd.match``) call this once and pass the result."""
     from .export import choose_runtime
+    from .models import model_file
 
+    if not isinstance(model, DescriptorModel) and model_file(model) is not None:
+        model = model_file(model)  # a shipped student: its file, which may run in ONNX Runtime
     from_file = not isinstance(model, DescriptorModel) and Path(model).is_file()
     return choose_runtime(resolve_model(model), runtime, from_file, du.cpu_threads_per_process())
 

@@ -42,6 +42,8 @@ class MatchConfig:
     ranks: tuple[int, int] = (0, 2)
     whiten_dim: int | None = None
     model: str | None = None
+    threshold: float | None = None  # pairs scoring at least this are marked as copies
+    threshold_source: str | None = None  # "given", or the model card it was read from (threshold="auto")
 
 
 def is_descriptor_file(path: str | os.PathLike) -> bool:
@@ -111,6 +113,7 @@ def match(
     batch_size: int = 32,
     workers: int | None = None,
     threads: int | None = None,
+    threshold: float | str | None = None,
 ) -> Predictions:
     """Candidate copy pairs between ``queries`` and ``references``, best first within each query (kNN mode)
     or over all queries (``global_n``).
@@ -122,11 +125,18 @@ def match(
     (PCA whitening fitted on it). With ``output`` the predictions CSV is written there and the
     resolved settings beside it (``*.config.json``); ``keep_descriptors_dir`` keeps descriptors
     extracted from images as ``queries.h5``, ``references.h5``, ``background.h5``.
+
+    ``threshold``: a score, or ``"auto"`` for the threshold calibrated for the model (its card's
+    precision-0.9 threshold, with or without score normalisation; shipped models only). The pairs
+    scoring at least the threshold are the copies (``copies(predictions, config)``); with ``output``
+    they are also written to ``*.copies.csv``. All candidate pairs stay in the predictions.
     """
     config = MatchConfig(
         k=k, index=index, nprobe=nprobe, ef_search=ef_search, global_n=global_n, score_norm=score_norm,
         beta=beta, ranks=tuple(ranks), whiten_dim=whiten_dim,
     )
+    if threshold is not None:
+        config.threshold, config.threshold_source = resolve_threshold(threshold, model, score_norm, whiten_dim)
     sets = [queries, references] + ([background] if score_norm or whiten_dim else [])
     if model is not None and any(is_image_source(s) for s in sets):
         config.model = getattr(model, "name", str(model))
@@ -177,10 +187,53 @@ def match(
 
     if output is not None:
         output = write_predictions(output, predictions)
+        if config.threshold is not None:
+            write_predictions(copies_path(output), copies(predictions, config.threshold))
         with atomic_path(config_path(output)) as tmp:
             tmp.write_text(json.dumps(asdict(config), indent=2) + "\n")
         log.info("wrote %d predictions to %s", len(predictions), output)
     return predictions
+
+
+def resolve_threshold(threshold: float | str, model, score_norm: bool, whiten_dim: int | None) -> tuple[float, str]:
+    """(threshold, where it came from) for ``match(threshold=...)``: a number as given, or ``"auto"``:
+    the precision-0.9 threshold in the shipped model's card (raw or score-normalised scores)."""
+    if not (isinstance(threshold, str) and threshold.strip().lower() == "auto"):
+        try:
+            return float(threshold), "given"
+        except (TypeError, ValueError):
+            raise ValueError(f"threshold must be a number or 'auto', not {threshold!r}") from None
+    from rdcd.models.shipped import card_for
+
+    card = card_for(model) if model is not None and not hasattr(model, "embed") else None
+    if card is None:
+        name = getattr(model, "name", model)
+        raise ValueError(
+            f"--threshold auto needs a shipped model with a calibrated threshold (`rdcd models` marks them); "
+            f"model {name!r} has none: give a number instead (e.g. `rdcd bench` on your own labelled benchmark "
+            "reports threshold_at_p90)")
+    if whiten_dim:
+        raise ValueError(f"{card['name']}: its thresholds were calibrated without whitening; with --whiten give "
+                         "a number instead of auto")
+    key = "score_norm" if score_norm else "raw"
+    entry = (card.get("thresholds") or {}).get(key)
+    if not entry or entry.get("threshold") is None:
+        raise ValueError(f"{card['card_path']}: no calibrated {key} threshold; give a number instead of auto")
+    return float(entry["threshold"]), f"{card['card_path']} ({key}: precision {entry.get('precision', '?')} on " \
+        f"{entry.get('benchmark', 'its validation benchmark')})"
+
+
+def copies(predictions: Predictions, threshold: float) -> Predictions:
+    """The pairs marked as copies: score >= threshold, best first."""
+    keep = np.flatnonzero(predictions.scores >= threshold)
+    keep = keep[np.argsort(-predictions.scores[keep], kind="stable")]
+    return predictions.subset(keep)
+
+
+def copies_path(output: str | os.PathLike) -> Path:
+    """``matches.csv`` -> ``matches.copies.csv``: the pairs at or above the threshold."""
+    output = Path(output)
+    return output.with_name(output.stem + ".copies.csv")
 
 
 def config_path(output: str | os.PathLike) -> Path:

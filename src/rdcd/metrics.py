@@ -235,6 +235,20 @@ def annotate(
     return labelled.positive, _query_ranks(labelled)
 
 
+def at_threshold(
+    predictions: Predictions | Sequence[tuple[str, str, float]], ground_truth: Mapping[str, str | None],
+    threshold: float,
+) -> dict:
+    """Precision and recall of the pairs scoring at least ``threshold`` (the pairs a user would call
+    copies): ``precision`` (None when no pair reaches it), ``recall``, ``n_flagged``, ``n_true``, ``n_gt``."""
+    labelled = _label(as_predictions(predictions), ground_truth)
+    flagged = labelled.scores >= threshold
+    n_flagged, n_true = int(flagged.sum()), int((flagged & labelled.positive).sum())
+    return {"threshold": float(threshold), "precision": n_true / n_flagged if n_flagged else None,
+            "recall": n_true / labelled.n_gt if labelled.n_gt else None,
+            "n_flagged": n_flagged, "n_true": n_true, "n_gt": labelled.n_gt}
+
+
 def evaluate(
     predictions: Predictions | Sequence[tuple[str, str, float]], ground_truth: Mapping[str, str | None]
 ) -> dict:

@@ -81,6 +81,11 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-6
     key_momentum: float = 0.99  # EMA factor m of the momentum student
+    # short-budget options (off = the paper): see docs/training.md "Short CPU budgets"
+    bn: str = "batch"  # "batch": batch statistics (paper); "frozen": batch norm keeps its running statistics
+    head_lr: float = 1.0  # learning-rate multiplier for the student's fc and projector (the new layers)
+    head_init: str = "random"  # "random" (paper) or "teacher": fc fitted to the teacher, projector = PCA
+    head_init_images: int = 1024  # views used by head_init="teacher"
     loss: LossConfig = field(default_factory=LossConfig)
     seed: int = 0
     # how to run it (may change when resuming)
@@ -391,6 +396,84 @@ def sync_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
 
         return convert_sync_batchnorm(net)
     return GlobalBatchNorm2d.convert(net)
+
+
+@torch.no_grad()
+def fit_head_to_teacher(student: StudentNet, teacher: "FrozenTeacher", paths: Sequence[Path], size: int,
+                        n_images: int, seed: int, device: torch.device, ridge: float = 1.0,
+                        batch_size: int = 32) -> dict:
+    """Initialise the student's new layers from the teacher instead of at random (``head_init="teacher"``).
+
+    On ``n_images`` light-augmented views of the training images: fc = ridge regression of the
+    teacher feature h_T on the GeM feature (penalty ``ridge`` x the mean feature variance per sample),
+    projector = the top-d principal directions of the fitted h_S, centred. The backbone is untouched.
+    Deterministic (seeded views, double precision). Returns diagnostics (cosine of the fit).
+    """
+    was_training = student.training
+    student.eval()
+    normalize = Normalize(student.config.mean, student.config.std, device, False)
+    views = build_augmentation("light", size, normalize=False)
+    order = np.random.default_rng([seed, 7_777]).permutation(len(paths))
+    pending, target, used = [], [], 0
+    for index in order:
+        if used >= n_images:
+            break
+        try:
+            image = open_image(paths[index])
+        except ImageLoadError:
+            continue  # named by the training loop when it meets the file
+        pending.append(views(image, view_seed(seed, 10**9, int(index))))  # an epoch no training run reaches
+        used += 1
+        if len(pending) == batch_size or used == n_images:
+            batch = torch.stack(pending)
+            target.append((teacher(batch).to(device).double(),
+                           student.pool(student.backbone.forward_features(normalize(batch))).double()))
+            pending = []
+    if pending:
+        batch = torch.stack(pending)
+        target.append((teacher(batch).to(device).double(),
+                       student.pool(student.backbone.forward_features(normalize(batch))).double()))
+    h_t = torch.cat([t for t, _ in target])
+    g = torch.cat([x for _, x in target])
+    mean = g.mean(0)
+    x = g - mean
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    w = torch.linalg.solve(x.T @ x + ridge * len(x) * x.var(0).mean() * eye, x.T @ h_t)  # (F, D_T)
+    h = x @ w + h_t.mean(0)
+    bias = h_t.mean(0) - mean @ w
+    h_mean = h.mean(0)
+    _, _, vt = torch.linalg.svd(h - h_mean, full_matrices=False)
+    dim = student.projector.out_features
+    if vt.shape[0] < dim:
+        raise ValueError(f"head_init='teacher' needs at least {dim} images, got {vt.shape[0]}")
+    proj = vt[:dim]
+    student.fc.weight.copy_(w.T.float())
+    student.fc.bias.copy_(bias.float())
+    student.projector.weight.copy_(proj.float())
+    student.projector.bias.copy_((-proj @ h_mean).float())
+    student.train(was_training)
+    cos = F.cosine_similarity(h, h_t, dim=1).mean().item()
+    return {"images": len(g), "fit_cosine": cos}
+
+
+def parameter_groups(student: nn.Module, lr: float, head_lr: float) -> list[dict]:
+    """SGD groups: the backbone at ``lr``, the new layers (fc, projector, a learnable GeM p) at
+    ``lr * head_lr``. LambdaLR scales every group by the same warm-up/cosine factor."""
+    head = [p for n, p in student.named_parameters() if not n.startswith("backbone.")]
+    body = [p for n, p in student.named_parameters() if n.startswith("backbone.")]
+    return [{"params": body, "lr": lr}, {"params": head, "lr": lr * head_lr}]
+
+
+def set_train_mode(net: nn.Module, bn: str) -> None:
+    """Training mode; with ``bn="frozen"`` every batch norm stays in eval mode (running statistics
+    used and kept, affine parameters still trained), the usual fine-tuning choice for small batches."""
+    if bn not in ("batch", "frozen"):
+        raise ValueError(f"bn must be 'batch' or 'frozen', not {bn!r}")
+    net.train()
+    if bn == "frozen":
+        for module in net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 @torch.no_grad()
@@ -725,6 +808,17 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
                             pretrained=config.pretrained, name=f"rdcd-{config.student}-{config.dim}")
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     student = student.to(device, memory_format=memory_format)
+    if config.head_init == "teacher" and checkpoint is None:
+        if teacher is None:  # teacher_in_workers: load one here for the fit only
+            fit_teacher = FrozenTeacher(load_teacher(config.teacher, device, threads))
+        else:
+            fit_teacher = teacher
+        fit = fit_head_to_teacher(student, fit_teacher, paths, config.size, config.head_init_images,
+                                  config.seed, device)
+        del fit_teacher
+        _log(f"rdcd train: head fitted to the teacher on {fit['images']} views (mean cosine {fit['fit_cosine']:.3f})")
+    elif config.head_init not in ("random", "teacher"):
+        raise ValueError(f"head_init must be 'random' or 'teacher', not {config.head_init!r}")
     key_encoder = copy.deepcopy(student).requires_grad_(False)  # plain BN: shuffled across ranks instead
     if world > 1:
         student = sync_batchnorm(student, device)
@@ -736,8 +830,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         features = nn.parallel.DistributedDataParallel(
             features, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=not (config.loss.use_con or config.loss.use_hn))  # L_rel alone skips the projector
-    optimizer = torch.optim.SGD(student.parameters(), lr=schedule.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(parameter_groups(student, schedule.lr, config.head_lr), lr=schedule.lr,
+                                momentum=config.momentum, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(schedule.warmup_steps, schedule.total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     skipped: dict[str, str] = {}
@@ -753,8 +847,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         rng_states = checkpoint["rng"]
         set_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
         _log(f"rdcd train: resumed {output} at step {start_step} of {schedule.total_steps}")
-    student.train()
-    key_encoder.train()  # batch statistics for the keys too, as MoCo
+    set_train_mode(student, config.bn)
+    set_train_mode(key_encoder, config.bn)  # batch statistics for the keys too, as MoCo (bn="batch")
 
     resolved = {"world_size": world, "global_batch": schedule.global_batch, "lr": schedule.lr,
                 "total_steps": schedule.total_steps, "warmup_steps": schedule.warmup_steps,
@@ -863,7 +957,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         with autocast:  # ---------------------------------------------- student on view x, loss, SGD
             h_s, z_s = features(normalize(batch.view1))
         terms = criterion(z_s.float(), z_key, h_s.float(), h_t.float())
-        lr = optimizer.param_groups[0]["lr"]
+        lr = optimizer.param_groups[0]["lr"]  # the backbone's (the head's is head_lr times it)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(terms["loss"]).backward()
         scaler.step(optimizer)

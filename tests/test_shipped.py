@@ -1,0 +1,115 @@
+"""Shipped models: cards, registry names, the default alias, --threshold auto, precision/recall at a threshold."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import rdcd.models as models
+from rdcd.match import copies, copies_path, match, resolve_threshold
+from rdcd.metrics import Predictions, at_threshold, read_predictions
+from rdcd.models.shipped import WEIGHTS_DIR, CardError, card_for, read_card, register_shipped, shipped_cards
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A private copy of the model registry, so registering test models leaves the real one alone."""
+    monkeypatch.setattr(models, "MODEL_REGISTRY", dict(models.MODEL_REGISTRY))
+    return models.MODEL_REGISTRY
+
+
+def write_card(folder, weights, name="rdcd-tiny-32", default=True, thresholds=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(weights, folder / f"{name}.pt")
+    card = {"name": name, "file": f"{name}.pt", "dim": 32, "default": default, "description": "test model",
+            "thresholds": thresholds if thresholds is not None else
+            {"raw": {"threshold": 0.5, "precision": 0.9, "benchmark": "valbench"},
+             "score_norm": {"threshold": 0.1, "precision": 0.9, "benchmark": "valbench"}}}
+    (folder / f"{name}.json").write_text(json.dumps(card))
+    return folder
+
+
+def test_every_shipped_card_is_registered_and_loads():
+    cards = shipped_cards()
+    for card in cards:
+        assert card["name"] in models.MODEL_REGISTRY
+        assert models.MODEL_REGISTRY[card["name"]].dim == card["dim"]
+        assert (WEIGHTS_DIR / card["file"]).stat().st_size < 40e6
+        assert (WEIGHTS_DIR / f"{card['name']}.md").exists(), "each shipped model needs its model card"
+    assert sum(bool(c.get("default")) for c in cards) == (1 if cards else 0)
+    if cards:
+        assert "rdcd-default" in models.MODEL_REGISTRY
+
+
+def test_register_shipped_adds_names_and_the_default_alias(tmp_path, tiny_student_file, registry):
+    folder = write_card(tmp_path / "weights", tiny_student_file)
+    assert register_shipped(folder) == ["rdcd-tiny-32", "rdcd-default"]
+    model = models.load_model("rdcd-default")
+    assert model.dim == 32
+    assert card_for("rdcd-tiny-32")["name"] == "rdcd-tiny-32"
+    assert card_for(folder / "rdcd-tiny-32.pt")["name"] == "rdcd-tiny-32"  # by file too
+    assert card_for("sscd") is None
+    assert models.model_file("rdcd-default") == folder / "rdcd-tiny-32.pt"
+
+
+def test_bad_cards_name_the_file(tmp_path, tiny_student_file):
+    folder = write_card(tmp_path / "w", tiny_student_file)
+    (folder / "rdcd-tiny-32.pt").unlink()
+    with pytest.raises(CardError, match="rdcd-tiny-32.json.*missing"):
+        read_card(folder / "rdcd-tiny-32.json")
+    (folder / "broken.json").write_text("{not json")
+    with pytest.raises(CardError, match="broken.json"):
+        shipped_cards(folder)
+    folder2 = write_card(tmp_path / "w2", tiny_student_file, name="a")
+    write_card(folder2, tiny_student_file, name="b")
+    with pytest.raises(CardError, match="several model cards claim to be the default"):
+        shipped_cards(folder2)
+
+
+def test_threshold_auto_reads_the_card(tmp_path, tiny_student_file, registry):
+    register_shipped(write_card(tmp_path / "weights", tiny_student_file))
+    assert resolve_threshold("auto", "rdcd-default", False, None)[0] == 0.5
+    assert resolve_threshold("auto", "rdcd-tiny-32", True, None)[0] == 0.1
+    assert resolve_threshold("0.25", "sscd", False, None) == (0.25, "given")
+    with pytest.raises(ValueError, match="needs a shipped model"):
+        resolve_threshold("auto", "sscd", False, None)
+    with pytest.raises(ValueError, match="whitening"):
+        resolve_threshold("auto", "rdcd-default", False, 16)
+    with pytest.raises(ValueError, match="number or 'auto'"):
+        resolve_threshold("high", "rdcd-default", False, None)
+
+
+def test_match_marks_copies_at_the_threshold(tmp_path, image_folder, tiny_student_file, registry, capsys):
+    from rdcd.cli import main
+
+    args = ["match", "--queries", str(image_folder), "--references", str(image_folder), "--k", "3"]
+    assert main(args + ["--model", str(tiny_student_file), "--output", str(tmp_path / "first.csv")]) == 0
+    threshold = float(np.median(read_predictions(tmp_path / "first.csv").scores))
+    register_shipped(write_card(tmp_path / "weights", tiny_student_file,
+                                thresholds={"raw": {"threshold": threshold, "precision": 0.9}}))
+    capsys.readouterr()
+    out = tmp_path / "m.csv"
+    assert main(args + ["--model", "rdcd-default", "--threshold", "auto", "--output", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert f"threshold {threshold:.4f} from" in printed.err
+    everything = read_predictions(out)
+    found = read_predictions(copies_path(out))
+    assert len(everything) == 12 * 3
+    assert sorted(found.rows()) == sorted(r for r in everything.rows() if r[2] >= threshold)
+    assert 0 < len(found) < len(everything) and np.all(np.diff(found.scores) <= 0)  # best first
+    lines = printed.out.splitlines()
+    assert lines[0] == "query_id,reference_id,score" and len(lines) == len(found) + 1
+    config = json.loads(out.with_name("m.config.json").read_text())
+    assert config["threshold"] == threshold and "rdcd-tiny-32.json" in config["threshold_source"]
+
+
+def test_copies_and_precision_recall_at_a_threshold():
+    p = Predictions(np.array(["q1", "q2", "q3", "q4"]), np.array(["r1", "r9", "r3", "r4"]), np.array([0.9, 0.8, 0.7, 0.2]))
+    gt = {"q1": "r1", "q2": "r2", "q3": "r3", "q4": "r4", "q5": None}
+    assert copies(p, 0.75).rows() == [("q1", "r1", 0.9), ("q2", "r9", 0.8)]
+    r = at_threshold(p, gt, 0.7)
+    assert (r["n_flagged"], r["n_true"], r["n_gt"]) == (3, 2, 4)
+    assert r["precision"] == pytest.approx(2 / 3) and r["recall"] == pytest.approx(0.5)
+    assert at_threshold(p, gt, 0.95)["precision"] is None
