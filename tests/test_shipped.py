@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import rdcd.models as models
+from conftest import picture
 from rdcd.match import copies, copies_path, match, resolve_threshold
 from rdcd.metrics import Predictions, at_threshold, read_predictions
 from rdcd.models.shipped import WEIGHTS_DIR, CardError, card_for, read_card, register_shipped, shipped_cards
@@ -33,14 +34,18 @@ def write_card(folder, weights, name="rdcd-tiny-32", default=True, thresholds=No
 
 def test_every_shipped_card_is_registered_and_loads():
     cards = shipped_cards()
+    assert cards, "the package ships trained models (src/rdcd/weights)"
+    image = np.asarray(picture(0).convert("RGB").resize((160, 160)))[None]
     for card in cards:
         assert card["name"] in models.MODEL_REGISTRY
-        assert models.MODEL_REGISTRY[card["name"]].dim == card["dim"]
+        model = models.load_model(card["name"])
+        vectors = model.embed(image)
+        assert vectors.shape == (1, card["dim"]) and np.isclose(np.linalg.norm(vectors), 1, atol=1e-4)
         assert (WEIGHTS_DIR / card["file"]).stat().st_size < 40e6
         assert (WEIGHTS_DIR / f"{card['name']}.md").exists(), "each shipped model needs its model card"
-    assert sum(bool(c.get("default")) for c in cards) == (1 if cards else 0)
-    if cards:
-        assert "rdcd-default" in models.MODEL_REGISTRY
+        assert card["thresholds"]["raw"]["threshold"] is not None  # --threshold auto works for each
+    assert sum(bool(c.get("default")) for c in cards) == 1
+    assert models.model_file("rdcd-default") is not None
 
 
 def test_register_shipped_adds_names_and_the_default_alias(tmp_path, tiny_student_file, registry):
@@ -66,6 +71,11 @@ def test_bad_cards_name_the_file(tmp_path, tiny_student_file):
     write_card(folder2, tiny_student_file, name="b")
     with pytest.raises(CardError, match="several model cards claim to be the default"):
         shipped_cards(folder2)
+    # at import time (strict=False) a broken card is skipped with a warning, never an import error
+    with pytest.warns(UserWarning, match="broken.json"):
+        assert [c["name"] for c in shipped_cards(folder, strict=False)] == []
+    with pytest.warns(UserWarning, match="none is registered"):
+        assert not any(c["default"] for c in shipped_cards(folder2, strict=False))
 
 
 def test_threshold_auto_reads_the_card(tmp_path, tiny_student_file, registry):
@@ -113,3 +123,16 @@ def test_copies_and_precision_recall_at_a_threshold():
     assert (r["n_flagged"], r["n_true"], r["n_gt"]) == (3, 2, 4)
     assert r["precision"] == pytest.approx(2 / 3) and r["recall"] == pytest.approx(0.5)
     assert at_threshold(p, gt, 0.95)["precision"] is None
+
+
+def test_threshold_auto_refuses_what_it_was_not_calibrated_for(tmp_path, tiny_student_file, registry):
+    from rdcd.descriptors import write_descriptors
+
+    register_shipped(write_card(tmp_path / "weights", tiny_student_file))
+    with pytest.raises(ValueError, match="calibrated with beta 1.0"):
+        resolve_threshold("auto", "rdcd-default", True, None, beta=0.5)
+    files = tmp_path / "q.h5"
+    write_descriptors(files, ["a", "b"], np.eye(2, 32, dtype=np.float32))
+    with pytest.raises(ValueError, match="descriptor files"):
+        match(files, files, model="rdcd-default", threshold="auto")
+    assert len(match(files, files, threshold=0.5, k=1)) == 2  # a number works with descriptor files

@@ -560,3 +560,22 @@ def test_cli_short_budget_options_reach_the_config(tmp_path, train_images):
     config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
     assert (config["bn"], config["head_lr"], config["head_init"], config["head_init_images"]) == \
         ("frozen", 5.0, "teacher", 16)
+
+
+def test_checkpoints_from_before_the_head_groups_still_resume():
+    from rdcd.train import config_differences, config_record, parameter_groups, upgrade_optimizer_state
+
+    net = nn.Sequential()
+    net.backbone, net.fc = nn.Linear(3, 4), nn.Linear(4, 2)
+    old = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net.fc(net.backbone(torch.randn(5, 3))).sum().backward()
+    old.step()
+    new = torch.optim.SGD(parameter_groups(net, 0.1, 1.0), lr=0.1, momentum=0.9)
+    new.load_state_dict(upgrade_optimizer_state(old.state_dict(), new))
+    for p in net.parameters():  # the momentum buffers follow their parameters
+        assert torch.equal(new.state[p]["momentum_buffer"], old.state[p]["momentum_buffer"])
+    # a config saved before the new fields existed equals one with their defaults
+    record = config_record(TrainConfig(data="d", output="o"))
+    saved = {k: v for k, v in record.items() if k not in ("bn", "head_lr", "head_init", "head_init_images")}
+    assert config_differences(saved, record) == []
+    assert config_differences(saved, {**record, "bn": "frozen"}) == ["bn: 'batch' in the checkpoint, 'frozen' now"]

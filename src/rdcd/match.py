@@ -136,7 +136,11 @@ def match(
         beta=beta, ranks=tuple(ranks), whiten_dim=whiten_dim,
     )
     if threshold is not None:
-        config.threshold, config.threshold_source = resolve_threshold(threshold, model, score_norm, whiten_dim)
+        if _is_auto(threshold) and not any(is_image_source(s) for s in (queries, references)):
+            raise ValueError("threshold 'auto' is calibrated for the descriptors a shipped model makes from images; "
+                             "with descriptor files rdcd cannot tell which model made them: give a number instead")
+        config.threshold, config.threshold_source = resolve_threshold(threshold, model, score_norm, whiten_dim,
+                                                                      beta, tuple(ranks))
     sets = [queries, references] + ([background] if score_norm or whiten_dim else [])
     if model is not None and any(is_image_source(s) for s in sets):
         config.model = getattr(model, "name", str(model))
@@ -195,10 +199,16 @@ def match(
     return predictions
 
 
-def resolve_threshold(threshold: float | str, model, score_norm: bool, whiten_dim: int | None) -> tuple[float, str]:
+def _is_auto(threshold) -> bool:
+    return isinstance(threshold, str) and threshold.strip().lower() == "auto"
+
+
+def resolve_threshold(threshold: float | str, model, score_norm: bool, whiten_dim: int | None,
+                      beta: float = 1.0, ranks: tuple[int, int] = (0, 2)) -> tuple[float, str]:
     """(threshold, where it came from) for ``match(threshold=...)``: a number as given, or ``"auto"``:
-    the precision-0.9 threshold in the shipped model's card (raw or score-normalised scores)."""
-    if not (isinstance(threshold, str) and threshold.strip().lower() == "auto"):
+    the threshold in the shipped model's card that reached precision 0.9 on its validation benchmark
+    (raw or score-normalised scores; the latter only with the card's beta and ranks)."""
+    if not _is_auto(threshold):
         try:
             return float(threshold), "given"
         except (TypeError, ValueError):
@@ -219,6 +229,13 @@ def resolve_threshold(threshold: float | str, model, score_norm: bool, whiten_di
     entry = (card.get("thresholds") or {}).get(key)
     if not entry or entry.get("threshold") is None:
         raise ValueError(f"{card['card_path']}: no calibrated {key} threshold; give a number instead of auto")
+    if score_norm:
+        calibrated = (float(entry.get("beta", 1.0)), tuple(entry.get("ranks", (0, 2))))
+        if calibrated != (float(beta), tuple(ranks)):
+            raise ValueError(f"{card['card_path']}: the score-normalised threshold was calibrated with beta "
+                             f"{calibrated[0]} and ranks {calibrated[1]}, not {beta} and {tuple(ranks)}; give a number")
+        log.warning("score-normalised scores also depend on the background set; the calibrated threshold assumed "
+                    "one like the benchmark's train/ images, so check it on your data")
     return float(entry["threshold"]), f"{card['card_path']} ({key}: precision {entry.get('precision', '?')} on " \
         f"{entry.get('benchmark', 'its validation benchmark')})"
 

@@ -433,6 +433,8 @@ def fit_head_to_teacher(student: StudentNet, teacher: "FrozenTeacher", paths: Se
         batch = torch.stack(pending)
         target.append((teacher(batch).to(device).double(),
                        student.pool(student.backbone.forward_features(normalize(batch))).double()))
+    if not target:
+        raise RuntimeError("head_init='teacher': none of the training images could be decoded")
     h_t = torch.cat([t for t, _ in target])
     g = torch.cat([x for _, x in target])
     mean = g.mean(0)
@@ -454,6 +456,18 @@ def fit_head_to_teacher(student: StudentNet, teacher: "FrozenTeacher", paths: Se
     student.train(was_training)
     cos = F.cosine_similarity(h, h_t, dim=1).mean().item()
     return {"images": len(g), "fit_cosine": cos}
+
+
+def upgrade_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """Checkpoints from before the backbone/head groups hold one parameter group; split it (its
+    parameter order, backbone first, is the groups' order), so such runs still resume."""
+    if len(state["param_groups"]) != 1 or len(optimizer.param_groups) != 2:
+        return state
+    group = state["param_groups"][0]
+    n_body = len(optimizer.param_groups[0]["params"])
+    body = dict(group, params=group["params"][:n_body])
+    head = dict(group, params=group["params"][n_body:])
+    return {"state": state["state"], "param_groups": [body, head]}
 
 
 def parameter_groups(student: nn.Module, lr: float, head_lr: float) -> list[dict]:
@@ -704,7 +718,10 @@ def config_record(config: TrainConfig) -> dict:
 
 
 def config_differences(saved: dict, new: dict) -> list[str]:
-    """Settings (config records) that differ, except those a resumed run may change."""
+    """Settings (config records) that differ, except those a resumed run may change. Fields added
+    after a checkpoint was written count as their defaults (those reproduce the older behaviour)."""
+    saved = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING and f.name not in saved}, **saved}
     return [f"{k}: {saved.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in sorted(set(saved) | set(new))
             if k not in RUN_CONTROL_FIELDS and saved.get(k) != new.get(k)]
 
@@ -741,6 +758,12 @@ def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "bf16" or torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float16
+
+
+def _machine() -> str:
+    from .bench import machine_description
+
+    return machine_description()
 
 
 def _log(message: str) -> None:
@@ -801,6 +824,9 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             raise ValueError("teacher_in_workers needs the teacher as a name or file, which each worker loads")
         del teacher, teacher_model  # the workers load their own; free this one before they fork
         teacher = None
+    if config.bn == "frozen" and not config.pretrained:
+        _log("rdcd train: warning: --bn frozen without pretrained weights keeps batch norm at its initial "
+             "statistics (mean 0, variance 1), i.e. no normalisation; it is meant for ImageNet-initialised students")
     if config.pretrained and config.student not in OFFLINE_PRETRAINED:
         raise ValueError(f"no offline ImageNet weights for {config.student!r} (available: {sorted(OFFLINE_PRETRAINED)}); "
                          "use --no-pretrained")
@@ -816,6 +842,9 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         fit = fit_head_to_teacher(student, fit_teacher, paths, config.size, config.head_init_images,
                                   config.seed, device)
         del fit_teacher
+        if world > 1:  # every rank fitted the same seeded views; make the heads bit-identical anyway
+            for tensor in (*student.fc.parameters(), *student.projector.parameters()):
+                torch.distributed.broadcast(tensor.data, src=0)
         _log(f"rdcd train: head fitted to the teacher on {fit['images']} views (mean cosine {fit['fit_cosine']:.3f})")
     elif config.head_init not in ("random", "teacher"):
         raise ValueError(f"head_init must be 'random' or 'teacher', not {config.head_init!r}")
@@ -840,7 +869,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         student.load_state_dict(checkpoint["student"])
         key_encoder.load_state_dict(checkpoint["key_encoder"])
         criterion.load_state_dict(checkpoint["criterion"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        optimizer.load_state_dict(upgrade_optimizer_state(checkpoint["optimizer"], optimizer))
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         skipped = dict(checkpoint["skipped"])
@@ -859,7 +888,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
                 "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else "off",
                 "student_normalization": {"mean": list(student.config.mean), "std": list(student.config.std)},
                 "versions": {"python": platform.python_version(), "torch": torch.__version__},
-                "host": platform.node(), "cpu_count": os.cpu_count()}
+                "host": platform.node(), "cpu_count": os.cpu_count(), "machine": _machine()}
     if du.is_main():
         output.mkdir(parents=True, exist_ok=True)
         run_info = {"config": config_record(config), "resolved": resolved}

@@ -53,7 +53,8 @@ def run(args) -> int:
 
     threshold = None
     if args.threshold is not None:
-        threshold, source = resolve_threshold(args.threshold, args.model, args.score_norm, args.whiten)
+        threshold, source = resolve_threshold(args.threshold, args.model, args.score_norm, args.whiten, args.beta,
+                                              tuple(args.ranks))
         if source != "given":
             print(f"rdcd: threshold {threshold:.4f} from {source}", file=sys.stderr)
     predictions = match(

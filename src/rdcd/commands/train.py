@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     g.add_argument("--head-lr", type=float, default=d.head_lr,
                    help="learning-rate multiplier for the new layers, fc and projector (default: %(default)s)")
     g.add_argument("--head-init", choices=["random", "teacher"], default=d.head_init,
-                   help="random (paper), or teacher: fit fc to the teacher by least squares and set the projector "
+                   help="random (paper), or teacher: fit fc to the teacher by ridge regression and set the projector "
                         "to the principal directions, on --head-init-images views, before step 1 (default: %(default)s)")
     g.add_argument("--head-init-images", type=int, default=d.head_init_images)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -41,14 +42,28 @@ def read_card(path: str | os.PathLike) -> dict:
     return card
 
 
-def shipped_cards(folder: str | os.PathLike = WEIGHTS_DIR) -> list[dict]:
+def shipped_cards(folder: str | os.PathLike = WEIGHTS_DIR, strict: bool = True) -> list[dict]:
+    """The checked cards in ``folder``. ``strict=False`` (used at import) warns about a bad card and
+    leaves it out, and registers no default when several claim it, so one broken file cannot stop
+    every rdcd command (including the ones that would repair it)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    cards = [read_card(p) for p in sorted(folder.glob("*.json"))]
+    cards = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            cards.append(read_card(path))
+        except CardError as e:
+            if strict:
+                raise
+            warnings.warn(f"rdcd: skipping a shipped model: {e}", stacklevel=2)
     defaults = [c["name"] for c in cards if c.get("default")]
     if len(defaults) > 1:
-        raise CardError(f"{folder}: several model cards claim to be the default: {', '.join(defaults)}")
+        message = f"{folder}: several model cards claim to be the default: {', '.join(defaults)}"
+        if strict:
+            raise CardError(message)
+        warnings.warn(f"rdcd: {message}; none is registered as {DEFAULT_ALIAS}", stacklevel=2)
+        cards = [dict(c, default=False) for c in cards]
     return cards
 
 
@@ -69,12 +84,13 @@ def card_for(model) -> dict | None:
     return None
 
 
-def register_shipped(folder: str | os.PathLike = WEIGHTS_DIR) -> list[str]:
-    """Register every shipped model (and the ``rdcd-default`` alias); returns the names."""
+def register_shipped(folder: str | os.PathLike = WEIGHTS_DIR, strict: bool = False) -> list[str]:
+    """Register every shipped model (and the ``rdcd-default`` alias); returns the names. Bad cards
+    are skipped with a warning unless ``strict``."""
     from . import load_model_file, register_model
 
     names = []
-    for card in shipped_cards(folder):
+    for card in shipped_cards(folder, strict=strict):
         def factory(_path=card["path"], **kwargs):
             return load_model_file(_path, **kwargs)
 
