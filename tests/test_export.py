@@ -195,3 +195,20 @@ def test_extract_runs_a_student_file_through_cached_onnx_runtime(student_file, i
     assert fast.ids == slow.ids == again.ids
     assert cosines(fast.vectors, slow.vectors).min() >= 0.9999
     np.testing.assert_allclose(fast.vectors, slow.vectors, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_int8_of_the_shipped_student_keeps_its_neighbours(tmp_path):
+    """The trained default model in int8: measured mean cosine to fp32 0.971 on 64 held-out pool
+    images (issue #7 asks 0.99: not reached) and every nearest neighbour kept; devbench uAP 0.508 vs
+    0.513 (BENCHMARKS.md section 7). Here on generated pictures (further from what it was trained and
+    calibrated on: measured mean 0.914), calibrated on other generated pictures."""
+    calib = tmp_path / "calibration"
+    calib.mkdir()
+    for i in range(48):
+        picture(500 + i, (200, 160)).save(calib / f"c{i:02d}.jpg", quality=90)
+    path = export("rdcd-default", tmp_path / "default.int8.onnx", precision="int8", calibration=calib)
+    images = pictures(900, 24, 160)
+    got, want = load_model(path).embed(images), load_model("rdcd-default").embed(images)
+    assert cosines(got, want).mean() >= 0.88
+    assert np.mean((got @ want.T).argmax(axis=1) == np.arange(len(images))) >= 0.95
