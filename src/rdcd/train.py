@@ -414,7 +414,15 @@ def fit_head_to_teacher(student: StudentNet, teacher: "FrozenTeacher", paths: Se
     normalize = Normalize(student.config.mean, student.config.std, device, False)
     views = build_augmentation("light", size, normalize=False)
     order = np.random.default_rng([seed, 7_777]).permutation(len(paths))
-    pending, target, used = [], [], 0
+    target = []
+
+    def flush(pending: list) -> None:
+        batch = torch.stack(pending)
+        target.append((teacher(batch).to(device).double(),
+                       student.pool(student.backbone.forward_features(normalize(batch))).double()))
+        pending.clear()
+
+    pending, used = [], 0
     for index in order:
         if used >= n_images:
             break
@@ -424,15 +432,10 @@ def fit_head_to_teacher(student: StudentNet, teacher: "FrozenTeacher", paths: Se
             continue  # named by the training loop when it meets the file
         pending.append(views(image, view_seed(seed, 10**9, int(index))))  # an epoch no training run reaches
         used += 1
-        if len(pending) == batch_size or used == n_images:
-            batch = torch.stack(pending)
-            target.append((teacher(batch).to(device).double(),
-                           student.pool(student.backbone.forward_features(normalize(batch))).double()))
-            pending = []
+        if len(pending) == batch_size:
+            flush(pending)
     if pending:
-        batch = torch.stack(pending)
-        target.append((teacher(batch).to(device).double(),
-                       student.pool(student.backbone.forward_features(normalize(batch))).double()))
+        flush(pending)
     if not target:
         raise RuntimeError("head_init='teacher': none of the training images could be decoded")
     h_t = torch.cat([t for t, _ in target])
