@@ -23,3 +23,5 @@ run r64 --dim 64
 run r256 --dim 256
 run r128_norel --dim 128 --no-rel
 run r128_nohn --dim 128 --no-hn
+run r64_norel --dim 64 --no-rel
+run r256_norel --dim 256 --no-rel

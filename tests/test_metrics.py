@@ -10,6 +10,7 @@ from rdcd.metrics import (
     precision_recall_curve,
     read_ground_truth,
     read_predictions,
+    separation,
     write_ground_truth,
     write_predictions,
 )
@@ -237,3 +238,17 @@ def test_a_million_predictions_evaluate_quickly():
     assert m["recall_at_10"] == 1.0  # every true pair is predicted, at most 10 per query
     assert 0.0 < m["uAP"] < 0.2  # random scores: roughly the 10% positive rate
     assert elapsed < 60, f"evaluating 10^6 predictions took {elapsed:.1f}s"
+
+
+def test_separation_by_hand():
+    """Two references on the axes; Q1 copies R1, Q2 copies R2, Q3 is not a copy."""
+    refs = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    queries = np.array([[0.6, 0.8], [0.0, 1.0], [0.8, 0.6]], dtype=np.float32)
+    got = separation(["Q1", "Q2", "Q3"], queries, ["R1", "R2"], refs, {"Q1": "R1", "Q2": "R2", "Q3": None})
+    # copy cosines: Q1.R1 = 0.6, Q2.R2 = 1.0; hardest non-copy: Q1.R2 = 0.8, Q2.R1 = 0.0, Q3: max(0.8, 0.6) = 0.8
+    assert got["pos_cos"] == pytest.approx(0.8)
+    assert got["hardest_neg_cos"] == pytest.approx(1.6 / 3)
+    assert got["hn"] == pytest.approx(-(np.log(0.2) + np.log(1.0) + np.log(0.2)) / 3)
+    # a non-copy identical to a reference hits the floor eps instead of log(0)
+    clamp = separation(["Q"], refs[:1], ["R1", "R2"], refs, {"Q": None})
+    assert clamp["pos_cos"] is None and clamp["hn"] == pytest.approx(-np.log(1e-3))

@@ -1,6 +1,7 @@
 """RDCD training: schedule, data order, distributed pieces, exact resume, CLI, validation, DDP."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -355,6 +356,25 @@ def test_validation_is_logged_at_step_zero_and_the_end(tmp_path, train_images):
     assert [r["step"] for r in rows] == [0, 2, 3]
     assert all(0.0 <= r["val_uAP"] <= 1.0 and r["val_n_gt"] == 2 for r in rows)
     assert all(r["loss"] is None for r in rows)
+    assert all(-1.0 <= r["val_pos_cos"] <= 1.0 and r["val_hn"] >= 0.0 for r in rows)
+    assert all(-1.0 <= r["val_hardest_neg_cos"] <= 1.0 for r in rows)
+
+
+def test_resume_widens_a_log_written_before_new_columns(tmp_path, train_images):
+    """A run logged by an older version (fewer columns) resumes: its rows keep their values."""
+    run = tmp_path / "run"
+    train(tiny_config(train_images, run, tiny_torch_teacher(), steps=3, stop_at=2, checkpoint_every=1))
+    path = run / "log.csv"
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    old = [c for c in rows[0] if not c.startswith("val_")]
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows([[dict(zip(rows[0], r))[c] for c in old] for r in rows])
+    before = read_log(path)
+    train(tiny_config(train_images, run, tiny_torch_teacher(), steps=3, checkpoint_every=1), resume=True)
+    after = read_log(path)
+    assert [r["step"] for r in after] == [r["step"] for r in before if r["step"] <= 2] + [3]
+    assert after[0]["con"] == before[0]["con"] and after[0]["val_uAP"] is None
 
 
 def test_cli_train_with_onnx_teacher_then_extract(tmp_path, train_images):

@@ -284,3 +284,26 @@ def evaluate(
         "n_gt": n_gt,
         "n_predictions": len(predictions),
     }
+
+
+def separation(query_ids: Sequence[str], query_vectors: np.ndarray, reference_ids: Sequence[str],
+               reference_vectors: np.ndarray, ground_truth: Mapping[str, str | None], eps: float = 1e-3) -> dict:
+    """How far apart copies and non-copies lie, from the descriptors themselves (no search, no ranking).
+
+    With the references as a fixed set of keys: ``pos_cos`` is the mean cosine of each copy query to
+    its reference; ``hardest_neg_cos`` the mean over all queries of the largest cosine to a reference
+    that is not its own; ``hn`` the hard-negative loss of docs/METHOD.md on those cosines,
+    mean of -log(max(1 - hardest, eps)). Unlike the training log's values, which are measured against
+    a key queue that fills up and changes with the key encoder, these are comparable across steps.
+    Vectors are expected L2-normalised.
+    """
+    ref_row = {r: i for i, r in enumerate(reference_ids)}
+    sims = np.asarray(query_vectors, dtype=np.float32) @ np.asarray(reference_vectors, dtype=np.float32).T
+    own = np.array([ref_row.get(ground_truth.get(q) or "", -1) for q in query_ids])
+    copy_rows = np.flatnonzero(own >= 0)
+    pos = sims[copy_rows, own[copy_rows]]
+    negatives = sims.copy()
+    negatives[copy_rows, own[copy_rows]] = -np.inf
+    hardest = negatives.max(axis=1)
+    return {"pos_cos": float(pos.mean()) if len(pos) else None, "hardest_neg_cos": float(hardest.mean()),
+            "hn": float(-np.log(np.maximum(1.0 - hardest, eps)).mean())}

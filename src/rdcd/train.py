@@ -573,6 +573,7 @@ LOG_COLUMNS = (
     "pos_cos", "neg_cos", "hardest_neg_cos", "eff_rank", "teacher_cos",
     "images_per_s", "t_data", "t_teacher", "t_key", "t_student", "t_step",
     "val_uAP", "val_recall_at_p90", "val_acc_at_1", "val_recall_at_10", "val_n_gt", "val_seconds",
+    "val_pos_cos", "val_hardest_neg_cos", "val_hn",
 )
 
 
@@ -599,9 +600,11 @@ class RunLog:
         """Drop rows of steps after the checkpoint: the resumed run logs them again."""
         with open(self.path, newline="") as fh:
             rows = list(csv.reader(fh))
-        if not rows or tuple(rows[0]) != LOG_COLUMNS:
+        if not rows or not set(rows[0]) <= set(LOG_COLUMNS) or rows[0][0] != "step":
             raise ValueError(f"{self.path}: not a log of this rdcd version (unexpected header); move it away to resume")
-        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+        old = rows[0]  # a log of an older version has fewer columns: widen its rows, empty cells for the new ones
+        kept = [list(LOG_COLUMNS)] + [[dict(zip(old, r)).get(c, "") for c in LOG_COLUMNS]
+                                      for r in rows[1:] if r and int(r[0]) <= step]
         with atomic_path(self.path) as tmp:
             with open(tmp, "w", newline="") as fh:
                 csv.writer(fh).writerows(kept)
@@ -649,7 +652,7 @@ def validate(net: StudentNet, benchmark: str | os.PathLike, size: int, batch_siz
     Nothing is cached between calls: images are decoded again each time.
     """
     from .extract import extract
-    from .metrics import evaluate, read_ground_truth
+    from .metrics import evaluate, read_ground_truth, separation
     from .models.student import StudentModel
     from .search import Index, knn_pairs
 
@@ -663,8 +666,9 @@ def validate(net: StudentNet, benchmark: str | os.PathLike, size: int, batch_siz
     if not du.is_main():
         return None
     index = Index.build(references.ids, references.vectors)
-    metrics = evaluate(knn_pairs(queries.ids, queries.vectors, index, k=10),
-                       read_ground_truth(bench / "ground_truth.csv"))
+    ground_truth = read_ground_truth(bench / "ground_truth.csv")
+    metrics = evaluate(knn_pairs(queries.ids, queries.vectors, index, k=10), ground_truth)
+    metrics.update(separation(queries.ids, queries.vectors, references.ids, references.vectors, ground_truth))
     metrics["seconds"] = time.perf_counter() - start
     return metrics
 
@@ -933,11 +937,14 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             row = {"step": step, "epoch": step / schedule.steps_per_epoch, "val_uAP": metrics["uAP"],
                    "val_recall_at_p90": metrics["recall_at_p90"], "val_acc_at_1": metrics["acc_at_1"],
                    "val_recall_at_10": metrics["recall_at_10"], "val_n_gt": metrics["n_gt"],
-                   "val_seconds": metrics["seconds"]}
+                   "val_seconds": metrics["seconds"], "val_pos_cos": metrics["pos_cos"],
+                   "val_hardest_neg_cos": metrics["hardest_neg_cos"], "val_hn": metrics["hn"]}
             log.write(row)
             val_history.append(row)
             _log(f"step {step:>6}  validation on {config.val_benchmark}: uAP {metrics['uAP']:.4f}  "
-                 f"acc@1 {metrics['acc_at_1']:.4f}  ({metrics['n_gt']} true pairs, {metrics['seconds']:.0f} s)")
+                 f"acc@1 {metrics['acc_at_1']:.4f}  copy cos {metrics['pos_cos']:.3f}  hardest non-copy cos "
+                 f"{metrics['hardest_neg_cos']:.3f}  L_hn {metrics['hn']:.3f}  ({metrics['n_gt']} true pairs, "
+                 f"{metrics['seconds']:.0f} s)")
 
     _log(f"rdcd train: {schedule.n_images} images, {world} process(es) x batch {config.batch_size} = "
          f"{schedule.global_batch}, {schedule.total_steps} steps ({schedule.steps_per_epoch}/epoch, "
