@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import picture
+from conftest import DEVBENCH, SHARED, picture
 from rdcd.descriptors import read_descriptors
 from rdcd.export import export
 from rdcd.models import load_model
@@ -144,7 +144,23 @@ def test_bad_requests_say_what_to_do(student_file, tmp_path):
         export(student_file, tmp_path / "x.pt", format="torchscript", precision="fp16")
     with pytest.raises(ValueError, match="only PyTorch models"):
         export("phash", tmp_path / "x.onnx")
+    with pytest.raises(ValueError, match="float_layers"):
+        export(student_file, tmp_path / "x.onnx", precision="int8", calibration=str(tmp_path), float_layers=-1)
     assert not list(tmp_path.iterdir())
+
+
+def test_int8_nodes_keep_the_first_weighted_layers_in_float(onnx_fp32):
+    from rdcd.export import int8_nodes
+
+    graph = onnx.load(str(onnx_fp32)).graph
+    op = {n.name: n.op_type for n in graph.node}
+    weighted = [n for n in int8_nodes(graph) if op[n] in ("Conv", "MatMul", "Gemm")]
+    assert len(weighted) >= 4
+    kept = int8_nodes(graph, float_layers=3)
+    assert [n for n in kept if op[n] in ("Conv", "MatMul", "Gemm")] == weighted[3:]
+    assert kept[0] == weighted[3]  # nothing before the 4th weighted layer (its activations included) is quantised
+    with pytest.raises(ValueError, match="none left to quantise"):
+        int8_nodes(graph, float_layers=len(weighted))
 
 
 def test_interrupted_export_leaves_no_file(student_file, tmp_path, monkeypatch):
@@ -198,17 +214,19 @@ def test_extract_runs_a_student_file_through_cached_onnx_runtime(student_file, i
 
 
 @pytest.mark.slow
-def test_int8_of_the_shipped_student_keeps_its_neighbours(tmp_path):
-    """The trained default model in int8: measured mean cosine to fp32 0.971 on 64 held-out pool
-    images (issue #7 asks 0.99: not reached) and every nearest neighbour kept; devbench uAP 0.508 vs
-    0.513 (BENCHMARKS.md section 7). Here on generated pictures (further from what it was trained and
-    calibrated on: measured mean 0.914), calibrated on other generated pictures."""
-    calib = tmp_path / "calibration"
-    calib.mkdir()
-    for i in range(48):
-        picture(500 + i, (200, 160)).save(calib / f"c{i:02d}.jpg", quality=90)
+@pytest.mark.skipif(not (SHARED / "train").is_dir() or not DEVBENCH.is_dir(), reason="shared images not available")
+def test_int8_of_the_shipped_student_is_within_issue_parity(tmp_path):
+    """The trained default model in int8 (stem and first block kept fp32, the default), calibrated on
+    64 training-pool images, on 48 devbench references it never saw: issue #7 asks a mean cosine to
+    fp32 >= 0.99. Measured here 0.9937 (min 0.984); quantising every layer (float_layers=0) gives
+    0.958 (min 0.88), which this test rejects (2026-11-27)."""
+    from rdcd.export import calibration_images
+    from rdcd.images import list_images
+
+    calib = tmp_path / "calibration.txt"
+    calib.write_text("".join(f"{p}\n" for p in list_images(SHARED / "train")[::50][:64]))
     path = export("rdcd-default", tmp_path / "default.int8.onnx", precision="int8", calibration=calib)
-    images = pictures(900, 24, 160)
+    images = calibration_images(DEVBENCH / "references", 160, 48)
     got, want = load_model(path).embed(images), load_model("rdcd-default").embed(images)
-    assert cosines(got, want).mean() >= 0.88
+    assert cosines(got, want).mean() >= 0.99
     assert np.mean((got @ want.T).argmax(axis=1) == np.arange(len(images))) >= 0.95

@@ -27,6 +27,8 @@ def register(subparsers) -> None:
                    help="int8: images used for calibration (default: %(default)s)")
     p.add_argument("--quant-format", choices=QUANT_FORMATS, default=d.quant_format,
                    help="int8 graph form (default: %(default)s, the faster one on the CPU we measured)")
+    p.add_argument("--float-layers", type=int, default=d.float_layers,
+                   help="int8: keep the first N weighted layers in fp32 (default: %(default)s; 0 quantises all)")
     p.add_argument("--opset", type=int, default=d.opset, help="ONNX opset (default: %(default)s)")
     p.add_argument("--size", type=int, default=None,
                    help="input size written to the metadata and used for calibration (default: the model's)")
@@ -38,7 +40,8 @@ def run(args) -> int:
 
     config = ExportConfig(format=args.format, precision=args.precision, opset=args.opset,
                           calibration=args.calibration, calibration_size=args.calibration_size,
-                          quant_format=args.quant_format, input_size=args.size)
+                          quant_format=args.quant_format, input_size=args.size,
+                          float_layers=args.float_layers)
     path = export(args.model, args.output, config)
     print(f"rdcd: {args.model} -> {path} ({args.format} {args.precision})", file=sys.stderr)
     return 0
