@@ -65,6 +65,12 @@ def plot(run: Path, output: Path, window: int) -> None:
             ax.text(0.5, 0.5, "switched off", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(label)
         ax.set_xlabel("step")
+    steps, values = column(rows, "val_hn")
+    if len(steps):  # L_hn against a fixed key set (the validation references): comparable across steps
+        ax = axes[0, 1].twinx()
+        ax.plot(steps, values, "s--", color="C3", label="held out, vs fixed references (right axis)")
+        ax.set_ylabel("held-out L_hn", color="C3")
+        ax.legend(loc="lower right", fontsize=8)
 
     ax = axes[1, 0]
     for key, label, color in [("pos_cos", "z_S . positive key", "C2"), ("hardest_neg_cos", "z_S . hardest negative", "C3"),
