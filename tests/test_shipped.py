@@ -135,4 +135,9 @@ def test_threshold_auto_refuses_what_it_was_not_calibrated_for(tmp_path, tiny_st
     write_descriptors(files, ["a", "b"], np.eye(2, 32, dtype=np.float32))
     with pytest.raises(ValueError, match="descriptor files"):
         match(files, files, model="rdcd-default", threshold="auto")
+    images = tmp_path / "images"
+    images.mkdir()
+    picture(3).save(images / "a.jpg")
+    with pytest.raises(ValueError, match="descriptor files"):  # one set from a file is enough to refuse
+        match(images, files, model="rdcd-default", threshold="auto")
     assert len(match(files, files, threshold=0.5, k=1)) == 2  # a number works with descriptor files

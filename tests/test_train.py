@@ -356,7 +356,7 @@ def test_validation_is_logged_at_step_zero_and_the_end(tmp_path, train_images):
     assert [r["step"] for r in rows] == [0, 2, 3]
     assert all(0.0 <= r["val_uAP"] <= 1.0 and r["val_n_gt"] == 2 for r in rows)
     assert all(r["loss"] is None for r in rows)
-    assert all(-1.0 <= r["val_pos_cos"] <= 1.0 and r["val_hn"] >= 0.0 for r in rows)
+    assert all(-1.0 <= r["val_pos_cos"] <= 1.0 and r["val_hn"] >= -np.log(2.0) for r in rows)
     assert all(-1.0 <= r["val_hardest_neg_cos"] <= 1.0 for r in rows)
 
 
@@ -583,17 +583,27 @@ def test_cli_short_budget_options_reach_the_config(tmp_path, train_images):
 
 
 def test_checkpoints_from_before_the_head_groups_still_resume():
-    from rdcd.train import config_differences, config_record, parameter_groups, upgrade_optimizer_state
+    from rdcd.train import (WarmupCosine, config_differences, config_record, parameter_groups,
+                            upgrade_optimizer_state, upgrade_scheduler_state)
 
     net = nn.Sequential()
     net.backbone, net.fc = nn.Linear(3, 4), nn.Linear(4, 2)
     old = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    net.fc(net.backbone(torch.randn(5, 3))).sum().backward()
-    old.step()
+    old_scheduler = torch.optim.lr_scheduler.LambdaLR(old, WarmupCosine(2, 10))
+    for _ in range(3):
+        net.fc(net.backbone(torch.randn(5, 3))).sum().backward()
+        old.step()
+        old_scheduler.step()
     new = torch.optim.SGD(parameter_groups(net, 0.1, 1.0), lr=0.1, momentum=0.9)
+    new_scheduler = torch.optim.lr_scheduler.LambdaLR(new, WarmupCosine(2, 10))
     new.load_state_dict(upgrade_optimizer_state(old.state_dict(), new))
+    new_scheduler.load_state_dict(upgrade_scheduler_state(old_scheduler.state_dict(), new_scheduler))
     for p in net.parameters():  # the momentum buffers follow their parameters
         assert torch.equal(new.state[p]["momentum_buffer"], old.state[p]["momentum_buffer"])
+    for _ in range(2):  # and the schedule goes on for both groups as it would have for the old one
+        new.step(), old.step()
+        new_scheduler.step(), old_scheduler.step()
+        assert [g["lr"] for g in new.param_groups] == pytest.approx([old.param_groups[0]["lr"]] * 2)
     # a config saved before the new fields existed equals one with their defaults
     record = config_record(TrainConfig(data="d", output="o"))
     saved = {k: v for k, v in record.items() if k not in ("bn", "head_lr", "head_init", "head_init_images")}

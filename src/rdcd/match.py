@@ -136,9 +136,7 @@ def match(
         beta=beta, ranks=tuple(ranks), whiten_dim=whiten_dim,
     )
     if threshold is not None:
-        if _is_auto(threshold) and not any(is_image_source(s) for s in (queries, references)):
-            raise ValueError("threshold 'auto' is calibrated for the descriptors a shipped model makes from images; "
-                             "with descriptor files rdcd cannot tell which model made them: give a number instead")
+        check_auto_inputs(threshold, queries, references)
         config.threshold, config.threshold_source = resolve_threshold(threshold, model, score_norm, whiten_dim,
                                                                       beta, tuple(ranks))
     sets = [queries, references] + ([background] if score_norm or whiten_dim else [])
@@ -201,6 +199,14 @@ def match(
 
 def _is_auto(threshold) -> bool:
     return isinstance(threshold, str) and threshold.strip().lower() == "auto"
+
+
+def check_auto_inputs(threshold, queries: ImageSet, references: ImageSet) -> None:
+    """``auto`` needs both sets embedded here, from images, by the shipped model: descriptors read
+    from files may come from any model (of the same dimension), whose scores the card says nothing about."""
+    if _is_auto(threshold) and not all(is_image_source(s) for s in (queries, references)):
+        raise ValueError("threshold 'auto' is calibrated for the descriptors a shipped model makes from images; "
+                         "with descriptor files rdcd cannot tell which model made them: give a number instead")
 
 
 def resolve_threshold(threshold: float | str, model, score_norm: bool, whiten_dim: int | None,

@@ -473,6 +473,16 @@ def upgrade_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> di
     return {"state": state["state"], "param_groups": [body, head]}
 
 
+def upgrade_scheduler_state(state: dict, scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
+    """The scheduler half of ``upgrade_optimizer_state``: one base LR per group, the current
+    factor of the schedule kept (a one-group state would stop LambdaLR at its next step)."""
+    n = len(scheduler.base_lrs)
+    if len(state.get("base_lrs", ())) != 1 or n == 1:
+        return state
+    factor = state["_last_lr"][0] / state["base_lrs"][0] if state["base_lrs"][0] else 0.0
+    return dict(state, base_lrs=list(scheduler.base_lrs), _last_lr=[b * factor for b in scheduler.base_lrs])
+
+
 def parameter_groups(student: nn.Module, lr: float, head_lr: float) -> list[dict]:
     """SGD groups: the backbone at ``lr``, the new layers (fc, projector, a learnable GeM p) at
     ``lr * head_lr``. LambdaLR scales every group by the same warm-up/cosine factor."""
@@ -877,7 +887,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         key_encoder.load_state_dict(checkpoint["key_encoder"])
         criterion.load_state_dict(checkpoint["criterion"])
         optimizer.load_state_dict(upgrade_optimizer_state(checkpoint["optimizer"], optimizer))
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        scheduler.load_state_dict(upgrade_scheduler_state(checkpoint["scheduler"], scheduler))
         scaler.load_state_dict(checkpoint["scaler"])
         skipped = dict(checkpoint["skipped"])
         rng_states = checkpoint["rng"]
@@ -952,7 +962,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
          f"({teacher_dim}-d)"
          f"{' in the data workers' if teacher_in_workers else ''}, student {config.student} -> "
          f"{config.dim}-d, {config.size}px, {workers} data worker(s), {threads} thread(s), device {device}")
-    busy = os.getloadavg()[0] > (os.cpu_count() or 1)
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1)
     if device.type == "cpu" and busy and "OMP_WAIT_POLICY" not in os.environ:
         _log("rdcd train: hint: the CPU is already busy; OMP_WAIT_POLICY=PASSIVE in the environment stops OpenMP "
              "threads busy-waiting for a core (2.6x faster steps on 2 overloaded cores, docs/training.md)")

@@ -49,14 +49,10 @@ def _one_or_many(values):
 
 
 def run(args) -> int:
-    from ..match import copies, copies_path, match, resolve_threshold
+    import json
 
-    threshold = None
-    if args.threshold is not None:
-        threshold, source = resolve_threshold(args.threshold, args.model, args.score_norm, args.whiten, args.beta,
-                                              tuple(args.ranks))
-        if source != "given":
-            print(f"rdcd: threshold {threshold:.4f} from {source}", file=sys.stderr)
+    from ..match import config_path, copies, copies_path, match
+
     predictions = match(
         _one_or_many(args.queries), _one_or_many(args.references), model=args.model,
         background=_one_or_many(args.background), k=args.k, index=args.index, score_norm=args.score_norm,
@@ -65,7 +61,11 @@ def run(args) -> int:
         batch_size=args.batch_size, workers=args.workers, threads=args.threads, threshold=args.threshold,
     )
     print(f"rdcd: {len(predictions)} candidate pairs -> {args.output}", file=sys.stderr)
-    if threshold is not None:
+    if args.threshold is not None:  # match() resolved it (a number, or auto from the model card) and recorded it
+        resolved = json.loads(config_path(args.output).read_text())
+        threshold = resolved["threshold"]
+        if resolved.get("threshold_source") != "given":
+            print(f"rdcd: threshold {threshold:.4f} from {resolved['threshold_source']}", file=sys.stderr)
         found = copies(predictions, threshold)
         print(f"rdcd: {len(found)} pair(s) score >= {threshold:.4f} (marked as copies) -> {copies_path(args.output)}",
               file=sys.stderr)

@@ -14,7 +14,8 @@ def run(args) -> int:
         if entry.card is None:
             return entry.description
         thresholds = entry.card.get("thresholds") or {}
-        auto = " [--threshold auto]" if thresholds else ""
+        calibrated = any(isinstance(t, dict) and t.get("threshold") is not None for t in thresholds.values())
+        auto = " [--threshold auto]" if calibrated else ""
         return f"{entry.description}{auto} (card: {entry.card['card_path']})"
 
     rows = [(name, "?" if e.dim is None else str(e.dim), describe(e)) for name, e in sorted(list_models().items())]
