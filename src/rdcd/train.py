@@ -817,7 +817,11 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             raise ValueError(f"{checkpoint_path}: cannot resume with different settings:\n  " + "\n  ".join(differences))
     elif resume:
         _log(f"rdcd train: no checkpoint in {output}, starting from scratch")
-    du.barrier()
+    # every rank must take the same branch below (head fit, collectives): refuse if their files disagree
+    steps_found = du.all_gather_objects(None if checkpoint is None else checkpoint["step"])
+    if len(set(steps_found)) > 1:
+        raise RuntimeError(f"{checkpoint_path}: the processes see different checkpoints (step per rank: {steps_found}); "
+                           "the output folder must be on storage every process shares")
 
     # ---------------------------------------------------------------- data
     paths = list_images(config.data)

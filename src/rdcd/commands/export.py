@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--calibration-size", type=int, default=d.calibration_size,
                    help="int8: images used for calibration (default: %(default)s)")
     p.add_argument("--quant-format", choices=QUANT_FORMATS, default=d.quant_format,
-                   help="int8 graph form (default: %(default)s, the faster one on the CPU we measured)")
+                   help="int8 graph form, same descriptors (default: %(default)s, faster at 160 px on the CPU we "
+                        "measured; QOperator was faster at 224 px there: BENCHMARKS.md section 4)")
     p.add_argument("--float-layers", type=int, default=d.float_layers,
                    help="int8: keep the first N weighted layers in fp32 (default: %(default)s; 0 quantises all)")
     p.add_argument("--opset", type=int, default=d.opset, help="ONNX opset (default: %(default)s)")
