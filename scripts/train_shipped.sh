@@ -25,3 +25,5 @@ run r128_norel --dim 128 --no-rel
 run r128_nohn --dim 128 --no-hn
 run r64_norel --dim 64 --no-rel
 run r256_norel --dim 256 --no-rel
+# session 3: does a 3x longer schedule help? (chosen or not on valbench, docs/experiments.md)
+run r128_long --dim 128 --steps 1800 --val-every 600

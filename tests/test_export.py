@@ -124,10 +124,11 @@ def test_int8_close_to_fp32_and_keeps_neighbours(tmp_path):
     got, want = load_model(path).embed(images), load_model(student).embed(images)
     # An untrained head makes the descriptor very sensitive to any change of input or activations
     # (+-2 grey levels of pixel noise give a lower cosine than int8 does), so a trained model's 0.99
-    # is out of reach here: measured mean 0.95 and 21 of 24 nearest neighbours kept. On devbench
-    # at 288 px the int8 uAP equals fp32's (docs/bench_inference.md).
-    assert cosines(got, want).mean() >= 0.9
-    assert np.mean((got @ want.T).argmax(axis=1) == np.arange(len(images))) >= 0.8
+    # is out of reach here: measured mean 0.983 and 24 of 24 nearest neighbours kept with the default
+    # float_layers=3 (0.953 and 21 of 24 with every layer quantised), 2026-11-27. The trained model:
+    # test_int8_of_the_shipped_student_is_within_issue_parity.
+    assert cosines(got, want).mean() >= 0.95
+    assert np.mean((got @ want.T).argmax(axis=1) == np.arange(len(images))) >= 0.9
 
 
 @pytest.mark.slow

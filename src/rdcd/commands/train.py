@@ -45,7 +45,8 @@ def register(subparsers) -> None:
     g.add_argument("--bn", choices=["batch", "frozen"], default=d.bn,
                    help="batch norm: batch statistics as the paper, or frozen running statistics (default: %(default)s)")
     g.add_argument("--head-lr", type=float, default=d.head_lr,
-                   help="learning-rate multiplier for the new layers, fc and projector (default: %(default)s)")
+                   help="learning-rate multiplier for the layers outside the backbone: fc, projector and GeM p "
+                        "(default: %(default)s)")
     g.add_argument("--head-init", choices=["random", "teacher"], default=d.head_init,
                    help="random (paper), or teacher: fit fc to the teacher by ridge regression and set the projector "
                         "to the principal directions, on --head-init-images views, before step 1 (default: %(default)s)")
