@@ -24,25 +24,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rdcd.bench import SCORE_NORM_BETA, SCORE_NORM_RANKS, BenchmarkFolder, machine_description
-from rdcd.extract import extract
-from rdcd.match import match
+from rdcd.bench import (SCORE_NORM_BETA, SCORE_NORM_RANKS, BenchmarkFolder, benchmark_predictions, embed_benchmark,
+                        machine_description)
 from rdcd.metrics import at_threshold, evaluate
 from rdcd.models.shipped import WEIGHTS_DIR
 from rdcd.models.student import StudentModel, load_student, save_student
 
 
 def bench_model(model, folder: Path, thresholds: dict | None = None) -> dict:
-    """Metrics with and without score normalisation; with ``thresholds``, precision/recall at them."""
+    """Metrics with and without score normalisation (as `rdcd bench`); with ``thresholds``, precision
+    and recall at them."""
     bench = BenchmarkFolder.read(folder)
-    sets = {name: extract(model, paths, progress=False)
-            for name, paths in (("queries", bench.queries), ("references", bench.references), ("train", bench.train))}
+    sets = embed_benchmark(model, bench)
     out = {"benchmark": str(folder), "n_queries": len(bench.queries), "n_references": len(bench.references)}
     for key, score_norm in (("raw", False), ("score_norm", True)):
-        predictions = match((sets["queries"].ids, sets["queries"].vectors),
-                            (sets["references"].ids, sets["references"].vectors),
-                            background=(sets["train"].ids, sets["train"].vectors) if score_norm else None,
-                            k=10, score_norm=score_norm, beta=SCORE_NORM_BETA, ranks=SCORE_NORM_RANKS)
+        predictions = benchmark_predictions(sets, 10, score_norm)
         metrics = evaluate(predictions, bench.ground_truth)
         row = {k: metrics[k] for k in ("uAP", "recall_at_p90", "threshold_at_p90", "acc_at_1", "n_gt")}
         if thresholds is not None and thresholds.get(key):

@@ -167,15 +167,10 @@ def run_bench(
 
 def _bench_one(spec, bench: BenchmarkFolder, k: int, size: int | None, batch_size: int,
                report_dir, progress: bool) -> dict:
-    from rdcd.extract import extract
-    from rdcd.match import match
-
     model = _load_seeded(spec)
     label = spec if isinstance(spec, (str, os.PathLike)) else model.name
     log.info("bench: %s", label)
-    sets = {}
-    for name, paths in (("queries", bench.queries), ("references", bench.references), ("train", bench.train)):
-        sets[name] = extract(model, paths, size=size, batch_size=batch_size, progress=progress)
+    sets = embed_benchmark(model, bench, size=size, batch_size=batch_size, progress=progress)
     timed = (sets["queries"], sets["references"])
     n_timed = sum(len(s.ids) + len(s.failures) for s in timed)
     seconds = sum(s.seconds for s in timed)
@@ -192,11 +187,9 @@ def _bench_one(spec, bench: BenchmarkFolder, k: int, size: int | None, batch_siz
         "k": int(k),
         "n_queries": len(bench.queries),
     }
-    queries, references, train = ((s.ids, s.vectors) for s in sets.values())
     by_edit: dict[str, dict] = {}
     for suffix, score_norm in (("", False), ("_sn", True)):
-        predictions = match(queries, references, background=train if score_norm else None, k=k,
-                            score_norm=score_norm, beta=SCORE_NORM_BETA, ranks=SCORE_NORM_RANKS)
+        predictions = benchmark_predictions(sets, k, score_norm)
         metrics = evaluate(predictions, bench.ground_truth)
         for key in ("uAP", "recall_at_p90", "threshold_at_p90", "acc_at_1", "recall_at_10"):
             result[key + suffix] = metrics[key]
@@ -214,6 +207,25 @@ def _bench_one(spec, bench: BenchmarkFolder, k: int, size: int | None, batch_siz
             result["report"] = str(path)
     result["uAP_by_edit"] = by_edit if bench.edits is not None else None
     return result
+
+
+def embed_benchmark(model, bench: BenchmarkFolder, size: int | None = None, batch_size: int = 32,
+                    progress: bool = False) -> dict:
+    """``{"queries", "references", "train"}`` -> ExtractResult of ``model`` on a benchmark folder."""
+    from rdcd.extract import extract
+
+    return {name: extract(model, paths, size=size, batch_size=batch_size, progress=progress)
+            for name, paths in (("queries", bench.queries), ("references", bench.references), ("train", bench.train))}
+
+
+def benchmark_predictions(sets: dict, k: int, score_norm: bool):
+    """kNN predictions of embedded benchmark sets (``embed_benchmark``), raw or score-normalised with the
+    benchmark's train/ images as background (beta and ranks as every rdcd benchmark number uses)."""
+    from rdcd.match import match
+
+    queries, references, train = ((sets[n].ids, sets[n].vectors) for n in ("queries", "references", "train"))
+    return match(queries, references, background=train if score_norm else None, k=k, score_norm=score_norm,
+                 beta=SCORE_NORM_BETA, ranks=SCORE_NORM_RANKS)
 
 
 def _load_seeded(spec) -> DescriptorModel:
