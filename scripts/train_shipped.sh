@@ -27,3 +27,4 @@ run r64_norel --dim 64 --no-rel
 run r256_norel --dim 256 --no-rel
 # session 3: does a 3x longer schedule help? (chosen or not on valbench, docs/experiments.md)
 run r128_long --dim 128 --steps 1800 --val-every 600
+run r256_long --dim 256 --steps 1800 --val-every 600
