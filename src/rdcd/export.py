@@ -257,10 +257,10 @@ def int8_nodes(graph, float_layers: int = 0) -> list[str]:
     final L2 norm, and the shape arithmetic of timm's dynamic "same" padding (quantising it breaks
     the graph).
 
-    Why keep the first layers in float: on the shipped 128-d student (160 px, 64 held-out pool
-    images) quantising everything gave a mean cosine to fp32 of 0.974 (min 0.84); leaving the stem
-    and first depthwise-separable block (3 weighted layers) in fp32 gave 0.996, at the same speed
-    (docs/export.md, "Which layers stay fp32")."""
+    Why keep the first layers in float: on the 128-d students (160 px, 64 held-out pool images)
+    quantising everything gave a mean cosine to fp32 of 0.972-0.974 (min 0.84); leaving the stem and
+    first depthwise-separable block (3 weighted layers) in fp32 gave 0.995-0.996, at the same speed
+    (docs/export.md, "Which layers stay fp32"; scripts/int8_layers.py)."""
     data, path = {INPUT_NAME}, []
     for node in graph.node:  # ONNX nodes are topologically sorted
         if node.op_type != "Shape" and any(i in data for i in node.input):

@@ -578,13 +578,13 @@ class StopWatch:
 
 
 TIME_KEYS = ("data", "teacher", "key", "student")
+#: what validate() returns that the log keeps, as val_<key>
+VAL_KEYS = ("uAP", "recall_at_p90", "acc_at_1", "recall_at_10", "n_gt", "seconds", "pos_cos", "hardest_neg_cos", "hn")
 LOG_COLUMNS = (
     "step", "epoch", "lr", "loss", "con", "hn", "rel",
     "pos_cos", "neg_cos", "hardest_neg_cos", "eff_rank", "teacher_cos",
     "images_per_s", "t_data", "t_teacher", "t_key", "t_student", "t_step",
-    "val_uAP", "val_recall_at_p90", "val_acc_at_1", "val_recall_at_10", "val_n_gt", "val_seconds",
-    "val_pos_cos", "val_hardest_neg_cos", "val_hn",
-)
+) + tuple(f"val_{k}" for k in VAL_KEYS)
 
 
 class RunLog:
@@ -948,11 +948,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     def validate_now(step: int) -> None:
         metrics = validate(student, config.val_benchmark, config.eval_size, config.val_batch_size, device)
         if du.is_main():
-            row = {"step": step, "epoch": step / schedule.steps_per_epoch, "val_uAP": metrics["uAP"],
-                   "val_recall_at_p90": metrics["recall_at_p90"], "val_acc_at_1": metrics["acc_at_1"],
-                   "val_recall_at_10": metrics["recall_at_10"], "val_n_gt": metrics["n_gt"],
-                   "val_seconds": metrics["seconds"], "val_pos_cos": metrics["pos_cos"],
-                   "val_hardest_neg_cos": metrics["hardest_neg_cos"], "val_hn": metrics["hn"]}
+            row = {"step": step, "epoch": step / schedule.steps_per_epoch,
+                   **{f"val_{k}": metrics[k] for k in VAL_KEYS}}
             log.write(row)
             val_history.append(row)
             _log(f"step {step:>6}  validation on {config.val_benchmark}: uAP {metrics['uAP']:.4f}  "
