@@ -31,19 +31,41 @@ from rdcd.models.shipped import WEIGHTS_DIR
 from rdcd.models.student import StudentModel, load_student, save_student
 
 
-def bench_model(model, folder: Path, thresholds: dict | None = None) -> dict:
+#: score-normalisation weights tried on the validation benchmark; SSCD's beta 1 over-subtracts for
+#: our students (docs/experiments.md), so each card records the best of these
+BETAS = (0.25, 0.5, 0.75, 1.0)
+
+
+def bench_model(model, folder: Path, thresholds: dict | None = None, beta: float | None = None) -> dict:
     """Metrics with and without score normalisation (as `rdcd bench`); with ``thresholds``, precision
-    and recall at them."""
+    and recall at them. Score normalisation at ``beta``; ``None`` (calibration, on the validation
+    benchmark only): each of ``BETAS``, keeping the one of the best uAP (``score_norm_betas`` has them
+    all). ``score_norm_beta1``: with SSCD's beta 1, as `rdcd bench`'s uAP_sn column, when beta is not 1."""
     bench = BenchmarkFolder.read(folder)
     sets = embed_benchmark(model, bench)
     out = {"benchmark": str(folder), "n_queries": len(bench.queries), "n_references": len(bench.references)}
-    for key, score_norm in (("raw", False), ("score_norm", True)):
-        predictions = benchmark_predictions(sets, 10, score_norm)
+
+    def score(key: str, score_norm: bool, b: float = SCORE_NORM_BETA) -> dict:
+        predictions = benchmark_predictions(sets, 10, score_norm, beta=b)
         metrics = evaluate(predictions, bench.ground_truth)
         row = {k: metrics[k] for k in ("uAP", "recall_at_p90", "threshold_at_p90", "acc_at_1", "n_gt")}
         if thresholds is not None and thresholds.get(key):
             row["at_calibrated_threshold"] = at_threshold(predictions, bench.ground_truth, thresholds[key]["threshold"])
-        out[key] = row
+        return row
+
+    out["raw"] = score("raw", False)
+    if beta is None:
+        sweep = {b: score("score_norm", True, b) for b in BETAS}
+        out["score_norm_betas"] = {f"{b:g}": row["uAP"] for b, row in sweep.items()}
+        beta = max(BETAS, key=lambda b: (sweep[b]["uAP"], -abs(b - SCORE_NORM_BETA)))
+        out["score_norm"] = sweep[beta]
+        if beta != SCORE_NORM_BETA:
+            out["score_norm_beta1"] = sweep[SCORE_NORM_BETA]
+    else:
+        out["score_norm"] = score("score_norm", True, beta)
+        if beta != SCORE_NORM_BETA:
+            out["score_norm_beta1"] = score("score_norm_beta1", True)
+    out["score_norm"]["beta"] = float(beta)
     return out
 
 
@@ -106,12 +128,18 @@ def card_markdown(card: dict, run_info: dict, summary: dict) -> str:
         "| scores | threshold | valbench uAP | valbench recall at that threshold |",
         "|---|---|---|---|",
     ]
+    beta = val["score_norm"].get("beta", SCORE_NORM_BETA)
     for key, label in (("raw", "raw cosine"),
-                       ("score_norm", f"score-normalised (background train/, beta {SCORE_NORM_BETA:g}, "
+                       ("score_norm", f"score-normalised (background train/, beta {beta:g}, "
                                       f"ranks {SCORE_NORM_RANKS[0]}-{SCORE_NORM_RANKS[1]})")):
         t = card["thresholds"].get(key)
         lines.append(f"| {label} | {fmt(t['threshold'], '.4f') if t else 'n/a'} | {fmt(val[key]['uAP'])} | "
                      f"{fmt(val[key]['recall_at_p90'])} |")
+    if val.get("score_norm_betas"):
+        tried = ", ".join(f"{b} {fmt(u)}" for b, u in val["score_norm_betas"].items())
+        lines += ["", f"Score-normalisation beta, chosen on the validation benchmark by uAP (beta: uAP): {tried}. "
+                  f"`rdcd match --score-norm` uses beta {beta:g} for this model unless `--beta` says otherwise; "
+                  "its `auto` threshold holds for that beta only."]
     lines += ["", "**A starting point, not a guarantee**: the threshold that gives precision 0.9 depends on the "
               "collection (how many near-duplicates, what kind of images). Label a few hundred pairs of your own "
               "data and re-calibrate (`rdcd bench` on your benchmark reports `threshold_at_p90`).", ""]
@@ -129,7 +157,10 @@ def card_markdown(card: dict, run_info: dict, summary: dict) -> str:
             "| scores | uAP | recall@P90 | acc@1 | precision / recall at the calibrated threshold (flagged pairs) |",
             "|---|---|---|---|---|",
         ]
-        for key, label in (("raw", "raw"), ("score_norm", "score-normalised")):
+        for key, label in (("raw", "raw"), ("score_norm", f"score-normalised, beta {beta:g}"),
+                           ("score_norm_beta1", "score-normalised, beta 1 (as `rdcd bench`'s uAP_sn)")):
+            if key not in dev:
+                continue
             r = dev[key]
             a = r.get("at_calibrated_threshold")
             at = f"{fmt(a['precision'])} / {fmt(a['recall'])} ({a['n_flagged']})" if a else "n/a"
@@ -175,7 +206,7 @@ def main() -> None:
     val = previous["validation"] if previous else bench_model(shipped, Path(args.valbench))
     thresholds = {key: ({"threshold": val[key]["threshold_at_p90"], "precision": 0.9,
                          "recall": val[key]["recall_at_p90"], "benchmark": str(args.valbench), "k": 10,
-                         **({"beta": SCORE_NORM_BETA, "ranks": list(SCORE_NORM_RANKS),
+                         **({"beta": val["score_norm"].get("beta", SCORE_NORM_BETA), "ranks": list(SCORE_NORM_RANKS),
                              "background": str(Path(args.valbench) / "train")} if key == "score_norm" else {})}
                         if val[key]["threshold_at_p90"] is not None else None)
                   for key in ("raw", "score_norm")}
@@ -208,7 +239,8 @@ def main() -> None:
     if args.devbench and previous and "devbench" in previous:
         card["devbench"], card["devbench_date"] = previous["devbench"], previous["devbench_date"]
     elif args.devbench:
-        card["devbench"] = bench_model(shipped, Path(args.devbench), thresholds)
+        card["devbench"] = bench_model(shipped, Path(args.devbench), thresholds,
+                                       beta=val["score_norm"].get("beta", SCORE_NORM_BETA))
         card["devbench_date"] = datetime.date.today().isoformat()
     if args.default:  # one default: take the flag from every other card
         for other in WEIGHTS_DIR.glob("*.json"):

@@ -28,3 +28,5 @@ run r256_norel --dim 256 --no-rel
 # session 3: does a 3x longer schedule help? (chosen or not on valbench, docs/experiments.md)
 run r128_long --dim 128 --steps 1800 --val-every 600
 run r256_long --dim 256 --steps 1800 --val-every 600
+# session 4: the 64-d model on the same longer schedule
+run r64_long --dim 64 --steps 1800 --val-every 600

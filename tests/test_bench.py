@@ -69,6 +69,30 @@ def test_one_row_per_model_with_the_documented_keys(results, bench_dir):
     assert (results[1]["dim"], results[1]["bytes_per_image"]) == (32, 128)  # float32
 
 
+def test_models_without_a_card_use_sscds_beta(results):
+    for result in results:
+        assert result["beta_own"] == 1.0 and result["uAP_sn_own"] == result["uAP_sn"]
+
+
+def test_a_shipped_model_is_also_scored_with_its_cards_beta(bench_dir, tmp_path, tiny_student_file, monkeypatch):
+    import rdcd.models as models
+    from rdcd.bench import _load_seeded, benchmark_predictions, embed_benchmark
+    from rdcd.metrics import evaluate
+    from rdcd.models.shipped import register_shipped
+    from test_shipped import write_card
+
+    monkeypatch.setattr(models, "MODEL_REGISTRY", dict(models.MODEL_REGISTRY))
+    register_shipped(write_card(tmp_path / "weights", tiny_student_file, thresholds={
+        "score_norm": {"threshold": 0.1, "precision": 0.9, "beta": 0.25, "ranks": [0, 2]}}))
+    [result] = run_bench(bench_dir, ["rdcd-tiny-32"], progress=False)
+    assert result["beta_own"] == 0.25
+    bench = BenchmarkFolder.read(bench_dir)
+    sets = embed_benchmark(_load_seeded("rdcd-tiny-32"), bench)
+    for beta, key in ((0.25, "uAP_sn_own"), (1.0, "uAP_sn")):
+        expected = evaluate(benchmark_predictions(sets, 10, True, beta=beta), bench.ground_truth)["uAP"]
+        assert result[key] == pytest.approx(expected)
+
+
 def test_counts_come_from_the_benchmark_files(results, bench_dir):
     ground_truth = read_csv(bench_dir / "ground_truth.csv")
     n_matching = sum(1 for row in ground_truth if row["reference_id"])
@@ -181,7 +205,8 @@ def test_cli_prints_the_table_and_writes_json_and_markdown(bench_dir, tmp_path, 
     assert main(["bench", "--benchmark", str(bench_dir), "--models", "phash", "--size", "64",
                  "--output", str(out), "--markdown", str(md)]) == 0
     printed = capsys.readouterr().out
-    assert printed.splitlines()[0].split() == ["model", "dim", "bytes", "img/s", "uAP", "uAP_sn", "R@P90", "acc@1"]
+    assert printed.splitlines()[0].split() == ["model", "dim", "bytes", "img/s", "uAP", "uAP_sn", "own_beta", "uAP_sn_own",
+                                              "R@P90", "acc@1"]
     assert "40 queries, 20 of them" in printed
     saved = json.loads(out.read_text())
     assert [r["model"] for r in saved] == ["phash"] and saved[0]["n_gt"] == 20

@@ -141,3 +141,24 @@ def test_threshold_auto_refuses_what_it_was_not_calibrated_for(tmp_path, tiny_st
     with pytest.raises(ValueError, match="descriptor files"):  # one set from a file is enough to refuse
         match(images, files, model="rdcd-default", threshold="auto")
     assert len(match(files, files, threshold=0.5, k=1)) == 2  # a number works with descriptor files
+
+
+def test_score_norm_uses_the_cards_beta_unless_told(tmp_path, tiny_student_file, image_folder, registry):
+    from rdcd.match import resolve_beta
+
+    thresholds = {"raw": {"threshold": 0.5, "precision": 0.9},
+                  "score_norm": {"threshold": 0.1, "precision": 0.9, "beta": 0.5, "ranks": [0, 2]}}
+    register_shipped(write_card(tmp_path / "weights", tiny_student_file, thresholds=thresholds))
+    assert resolve_beta(None, "rdcd-default") == 0.5 and resolve_beta(None, "rdcd-tiny-32") == 0.5
+    assert resolve_beta(0.75, "rdcd-default") == 0.75  # given wins
+    assert resolve_beta(None, "sscd") == 1.0 and resolve_beta(None, None) == 1.0  # SSCD's beta otherwise
+    assert resolve_beta(None, tiny_student_file) == 1.0  # a student file that is not the shipped one
+    # match: beta None -> the card's 0.5, and the auto threshold (calibrated at 0.5) is accepted
+    out = tmp_path / "m.csv"
+    match(image_folder, image_folder, model="rdcd-default", background=image_folder, score_norm=True, k=2,
+          threshold="auto", output=out)
+    config = json.loads(out.with_name("m.config.json").read_text())
+    assert config["beta"] == 0.5 and config["threshold"] == 0.1
+    with pytest.raises(ValueError, match="calibrated with beta 0.5"):  # another beta: a number is needed
+        match(image_folder, image_folder, model="rdcd-default", background=image_folder, score_norm=True,
+              beta=1.0, threshold="auto")

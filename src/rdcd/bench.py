@@ -49,6 +49,8 @@ TABLE_COLUMNS = (
     ("img/s", "images_per_second", "{:.1f}"),
     ("uAP", "uAP", "{:.3f}"),
     ("uAP_sn", "uAP_sn", "{:.3f}"),
+    ("own_beta", "beta_own", "{:g}"),
+    ("uAP_sn_own", "uAP_sn_own", "{:.3f}"),
     ("R@P90", "recall_at_p90", "{:.3f}"),
     ("acc@1", "acc_at_1", "{:.3f}"),
 )
@@ -150,6 +152,7 @@ def run_bench(
     holds ``model``, ``dim``, ``bytes_per_image``, ``input_size``, ``images_per_second`` (queries +
     references, end to end), ``uAP``, ``recall_at_p90``, ``threshold_at_p90``, ``acc_at_1``,
     ``recall_at_10``, the same with score normalisation (``uAP_sn``, ``recall_at_p90_sn``...),
+    ``beta_own`` and ``uAP_sn_own`` (the model's own score-normalisation beta, ``match.resolve_beta``),
     ``n_queries``, ``n_gt``, ``n_failures`` and ``uAP_by_edit`` ({op: {n_positives, uAP, uAP_sn}},
     None without edits.csv). ``report_dir``: also one HTML report per model (kNN predictions
     without score normalisation). Untrained students get their random layers from torch seed 0, so
@@ -205,6 +208,13 @@ def _bench_one(spec, bench: BenchmarkFolder, k: int, size: int | None, batch_siz
                          reference_dir=bench.root / "references",
                          title=f"rdcd bench: {label} on {bench.root.name} (k={k})")
             result["report"] = str(path)
+    # a shipped model's own score-normalisation beta (chosen on its validation benchmark, used by
+    # `rdcd match --score-norm`); every other model's is SSCD's 1
+    from rdcd.match import resolve_beta
+
+    result["beta_own"] = resolve_beta(None, spec if isinstance(spec, (str, os.PathLike)) else None)
+    result["uAP_sn_own"] = result["uAP_sn"] if result["beta_own"] == SCORE_NORM_BETA else evaluate(
+        benchmark_predictions(sets, k, True, beta=result["beta_own"]), bench.ground_truth)["uAP"]
     result["uAP_by_edit"] = by_edit if bench.edits is not None else None
     return result
 
@@ -218,14 +228,14 @@ def embed_benchmark(model, bench: BenchmarkFolder, size: int | None = None, batc
             for name, paths in (("queries", bench.queries), ("references", bench.references), ("train", bench.train))}
 
 
-def benchmark_predictions(sets: dict, k: int, score_norm: bool):
+def benchmark_predictions(sets: dict, k: int, score_norm: bool, beta: float = SCORE_NORM_BETA):
     """kNN predictions of embedded benchmark sets (``embed_benchmark``), raw or score-normalised with the
-    benchmark's train/ images as background (beta and ranks as every rdcd benchmark number uses)."""
+    benchmark's train/ images as background (ranks, and by default beta, as every rdcd benchmark number uses)."""
     from rdcd.match import match
 
     queries, references, train = ((sets[n].ids, sets[n].vectors) for n in ("queries", "references", "train"))
     return match(queries, references, background=train if score_norm else None, k=k, score_norm=score_norm,
-                 beta=SCORE_NORM_BETA, ranks=SCORE_NORM_RANKS)
+                 beta=beta, ranks=SCORE_NORM_RANKS)
 
 
 def _load_seeded(spec) -> DescriptorModel:
@@ -315,7 +325,9 @@ def format_markdown(results: Sequence[dict], command: str, machine: str, date: s
         format_table(results, markdown=True), "",
         counts_line(results) + ". img/s: queries + references, end to end (decoding, resizing, model); "
         "bytes: float32 descriptors 4 x dim, binary hashes 1 bit per dimension. "
-        "uAP_sn: score normalisation on train/ (beta 1, ranks 0..2).",
+        "uAP_sn: score normalisation on train/ (beta 1, ranks 0..2); own_beta: the beta a shipped model's "
+        "card calibrated on its validation benchmark (what `rdcd match --score-norm` uses for it; 1 for "
+        "every other model), uAP_sn_own: uAP_sn with it.",
     ]
     if note:
         parts += ["", note]

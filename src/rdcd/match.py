@@ -106,7 +106,7 @@ def match(
     global_n: int | None = None,
     output: str | os.PathLike | None = None,
     keep_descriptors_dir: str | os.PathLike | None = None,
-    beta: float = 1.0,
+    beta: float | None = None,
     ranks: tuple[int, int] = (0, 2),
     nprobe: int | None = None,
     ef_search: int | None = None,
@@ -121,7 +121,8 @@ def match(
     Each image set is descriptor files (``.h5``/``.hdf5``/``.npy``, shards in order), an image folder
     or file list (embedded with ``model``, a DescriptorModel, registry name or model file), or an
     ``(ids, vectors)`` pair. ``background`` (training-set images, never the references) is needed for
-    ``score_norm`` (subtract beta * mean similarity to the background at ``ranks``) and ``whiten_dim``
+    ``score_norm`` (subtract beta * mean similarity to the background at ``ranks``; ``beta=None``: the
+    shipped model's calibrated beta, SSCD's 1 for any other model, ``resolve_beta``) and ``whiten_dim``
     (PCA whitening fitted on it). With ``output`` the predictions CSV is written there and the
     resolved settings beside it (``*.config.json``); ``keep_descriptors_dir`` keeps descriptors
     extracted from images as ``queries.h5``, ``references.h5``, ``background.h5``.
@@ -131,6 +132,7 @@ def match(
     scoring at least the threshold are the copies (``copies(predictions, config)``); with ``output``
     they are also written to ``*.copies.csv``. All candidate pairs stay in the predictions.
     """
+    beta = resolve_beta(beta, model)
     config = MatchConfig(
         k=k, index=index, nprobe=nprobe, ef_search=ef_search, global_n=global_n, score_norm=score_norm,
         beta=beta, ranks=tuple(ranks), whiten_dim=whiten_dim,
@@ -197,6 +199,25 @@ def match(
     return predictions
 
 
+def _shipped_card(model) -> dict | None:
+    """The card of a shipped model given by name or weights path (not of an already loaded model)."""
+    if model is None or hasattr(model, "embed"):
+        return None
+    from rdcd.models.shipped import card_for
+
+    return card_for(model)
+
+
+def resolve_beta(beta: float | None, model=None) -> float:
+    """The score-normalisation weight: ``beta`` as given; ``None``: the beta in the shipped model's card
+    (chosen on its validation benchmark, the one its ``auto`` threshold was calibrated with), or SSCD's 1
+    for every other model (and for descriptor files, which carry no model)."""
+    if beta is not None:
+        return float(beta)
+    entry = ((_shipped_card(model) or {}).get("thresholds") or {}).get("score_norm") or {}
+    return float(entry.get("beta", 1.0))
+
+
 def _is_auto(threshold) -> bool:
     return isinstance(threshold, str) and threshold.strip().lower() == "auto"
 
@@ -219,9 +240,7 @@ def resolve_threshold(threshold: float | str, model, score_norm: bool, whiten_di
             return float(threshold), "given"
         except (TypeError, ValueError):
             raise ValueError(f"threshold must be a number or 'auto', not {threshold!r}") from None
-    from rdcd.models.shipped import card_for
-
-    card = card_for(model) if model is not None and not hasattr(model, "embed") else None
+    card = _shipped_card(model)
     if card is None:
         name = getattr(model, "name", model)
         raise ValueError(

@@ -27,7 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--ef-search", type=int, default=None, help="HNSW search depth")
     p.add_argument("--score-norm", action="store_true",
                    help="subtract beta * mean similarity of each query to its nearest background images")
-    p.add_argument("--beta", type=float, default=1.0, help="score normalisation weight (default: %(default)s)")
+    p.add_argument("--beta", type=float, default=None,
+                   help="score normalisation weight (default: the shipped model's calibrated beta, shown by "
+                        "`rdcd models`; 1, as SSCD, for any other model or for descriptor files)")
     p.add_argument("--ranks", type=int, nargs=2, default=(0, 2), metavar=("I", "J"),
                    help="background neighbour ranks averaged by score normalisation (default: 0 2)")
     p.add_argument("--whiten", type=int, default=None, metavar="DIM",

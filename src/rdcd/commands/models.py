@@ -16,6 +16,9 @@ def run(args) -> int:
         thresholds = entry.card.get("thresholds") or {}
         calibrated = any(isinstance(t, dict) and t.get("threshold") is not None for t in thresholds.values())
         auto = " [--threshold auto]" if calibrated else ""
+        beta = (thresholds.get("score_norm") or {}).get("beta")
+        if beta is not None:
+            auto += f" [--score-norm beta {beta:g}]"
         return f"{entry.description}{auto} (card: {entry.card['card_path']})"
 
     rows = [(name, "?" if e.dim is None else str(e.dim), describe(e)) for name, e in sorted(list_models().items())]
