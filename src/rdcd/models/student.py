@@ -184,15 +184,22 @@ def build_student(backbone: str = "efficientnet_b0", dim: int = 128, kd_dim: int
 # --- one-file save / load ---------------------------------------------------------------------------
 
 def save_student(net: StudentNet, path: str | os.PathLike, half: bool = False) -> Path:
-    """Save weights + config in one file, atomically. ``half`` stores floating tensors as fp16."""
+    """Save weights + config in one file, atomically. ``half`` stores floating tensors as fp16. The same
+    weights give the same bytes whatever the file name (torch.save names its zip archive after the file
+    it writes to, here a temporary one; through a buffer the name is always "archive"), so re-shipping
+    unchanged weights leaves the file unchanged."""
+    import io
+
     from ..descriptors import atomic_path
 
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in net.state_dict().items()}
     payload = {"format": FILE_FORMAT, "version": FILE_VERSION,
                "config": dataclasses.asdict(net.config), "state_dict": state}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_path(path, ".pt") as tmp:
-        torch.save(payload, tmp)
+        Path(tmp).write_bytes(buffer.getvalue())
     return Path(path)
 
 
