@@ -100,6 +100,42 @@ def test_npy_output_and_order(image_folder, tmp_path, tiny_model):
     np.testing.assert_array_equal(vec, r.vectors)
 
 
+def test_prefetch_thread_changes_nothing_but_the_overlap(messy_folder, tmp_path, tiny_model):
+    folder, good, bad = messy_folder
+    kw = dict(batch_size=3, workers=0, max_pixels=4_000_000, progress=False)
+    on = extract(tiny_model, folder, prefetch=True, **kw)
+    off = extract(tiny_model, folder, prefetch=False, **kw)
+    assert on.ids == off.ids and len(on.ids) == len(good)
+    np.testing.assert_array_equal(on.vectors, off.vectors)
+    assert sorted(on.failures) == sorted(off.failures) and len(on.failures) == len(bad)
+
+
+def test_prefetched_keeps_order_raises_and_stops():
+    import threading
+
+    from rdcd.extract import prefetched
+
+    assert list(prefetched(iter(range(50)), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+
+    got = prefetched(broken())
+    assert next(got) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(got)
+    # a consumer that stops early releases the producer thread (it would block on a full queue)
+    before = threading.active_count()
+    early = prefetched(iter(range(10**9)))
+    assert next(early) == 0
+    early.close()
+    deadline = time.time() + 5
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
+
+
 def test_resume_after_crash_recomputes_nothing(image_folder, tmp_path, tiny_model):
     out = tmp_path / "r.h5"
     reference = extract(tiny_model, image_folder, progress=False)

@@ -13,8 +13,10 @@ import csv
 import hashlib
 import json
 import os
+import queue
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +85,8 @@ def _run_key(model: DescriptorModel, size: int, paths: Sequence[Path], chunk_siz
 def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os.PathLike | None = None,
             size: int | None = None, batch_size: int = 32, workers: int | None = None, strict: bool = False,
             chunk_size: int = 1024, progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-            draft: bool = False, resume: bool = True, runtime: str = "auto") -> ExtractResult:
+            draft: bool = False, resume: bool = True, runtime: str = "auto",
+            prefetch: bool = True) -> ExtractResult:
     """Embed every image of a folder / file list / list of paths with ``model``.
 
     Writes ``output`` (``.h5`` DISC2021 layout or ``.npy`` + ids) when given, and the failures CSV
@@ -94,6 +97,10 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
     ``runtime``: ``auto`` runs a PyTorch model file on the CPU through ONNX Runtime (same
     descriptors to fp32 rounding, faster; see ``rdcd.export.choose_runtime``), ``torch`` keeps
     PyTorch, ``onnxruntime`` converts any PyTorch model.
+
+    ``workers``: decoding processes (default: none on <= 2 cores, where a process competes with the
+    model's threads). Without workers, ``prefetch`` decodes the next batch in a thread while the model
+    embeds this one (Pillow and the runtimes release the GIL).
     """
     du.init_distributed()
     torch.set_num_threads(du.cpu_threads_per_process())
@@ -132,10 +139,14 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
                for b in range(0, e - s, batch_size)]
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
                         persistent_workers=False)
+    if progress and du.is_main() and batches:
+        print(f"rdcd: decoding in {workers} worker process(es)" if workers else
+              "rdcd: decoding in this process" + (", the next batch in a thread while this one is embedded"
+                                                 if prefetch else ""), file=sys.stderr)
     pending: dict[int, list] = {c: [[], [], []] for c in todo}
     chunk_of = {i: c for c in todo for i in range(*chunks[c])}
     remaining = {c: chunks[c][1] - chunks[c][0] for c in todo}
-    for idx, arr, bad in loader:
+    for idx, arr, bad in (prefetched(loader) if prefetch and workers == 0 else loader):
         vecs = model.embed(arr) if arr is not None else np.zeros((0, model.dim), np.float32)
         for i, v in zip(idx, vecs):
             c = chunk_of[i]
@@ -182,6 +193,49 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
         raise RuntimeError(f"{n_bad} file(s) could not be embedded and strict mode is on "
                            f"(the {n_ok} good descriptors were written)")
     return result
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def prefetched(iterable, depth: int = 1):
+    """Iterate ``iterable`` in a background thread, up to ``depth`` items ahead; its exceptions are
+    raised here. If the consumer stops early, the thread is told to stop after the item it is on."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in iterable:
+                if not offer(item):
+                    return
+            offer(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            offer(_Failed(e))
+
+    thread = threading.Thread(target=produce, name="rdcd-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
 
 
 def prepare_model(model: str | os.PathLike | DescriptorModel, runtime: str = "auto") -> tuple[DescriptorModel, str]:

@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-resume", action="store_true", help="start afresh even if a partial run exists")
     p.add_argument("--fast-decode", action="store_true",
                    help="let the JPEG decoder downscale while decoding (faster, slightly different pixels)")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="without --workers, decode each batch only after the previous one is embedded "
+                        "(default: a thread decodes the next batch meanwhile)")
     p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime"], default="auto",
                    help="auto (default): a PyTorch model file on the CPU runs through ONNX Runtime, exported once "
                         "and cached (same descriptors, faster); torch: keep PyTorch")
@@ -33,7 +36,7 @@ def run(args) -> int:
     result = extract(args.model, args.images, output=args.output, size=args.size, batch_size=args.batch_size,
                      workers=args.workers, strict=args.strict, chunk_size=args.chunk_size,
                      resume=not args.no_resume, draft=args.fast_decode,
-                     runtime=args.runtime)
+                     runtime=args.runtime, prefetch=not args.no_prefetch)
     if result.ids:
         print(f"rdcd: {len(result.ids)} descriptors ({result.vectors.shape[1]}-d, {result.model}) -> {args.output}; "
               f"{result.images_per_second:.1f} images/s", file=sys.stderr)

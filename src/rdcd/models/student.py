@@ -243,7 +243,8 @@ class TorchImageModel(DescriptorModel):
         self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
 
     def to_input(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        # a read-only array (e.g. np.asarray of a PIL image) is copied: torch warns on non-writable memory
+        x = torch.from_numpy(np.require(images, requirements=("C", "W"))).to(self.device)
         x = x.permute(0, 3, 1, 2).float()
         x = (x - self._mean) / self._std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
