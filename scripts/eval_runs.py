@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ship_model import bench_model  # noqa: E402
+from rdcd.bench import SCORE_NORM_BETA  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
         terms = "+".join(t for t in ("con", "hn", "rel") if loss[f"use_{t}"])
         model = load_model(run / "model.pt")
         for bench in args.benchmarks:
-            result = bench_model(model, Path(bench))
+            result = bench_model(model, Path(bench), beta=SCORE_NORM_BETA)  # fixed beta: no choice on any benchmark
             refs = extract(model, Path(bench) / "references", progress=False).vectors
             row = {"run": str(run), "dim": info["config"]["dim"], "terms": terms, "steps": summary["step"],
                    "benchmark": bench, "uAP": result["raw"]["uAP"], "uAP_sn": result["score_norm"]["uAP"],

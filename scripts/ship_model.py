@@ -49,7 +49,7 @@ def bench_model(model, folder: Path, thresholds: dict | None = None, beta: float
         predictions = benchmark_predictions(sets, 10, score_norm, beta=b)
         metrics = evaluate(predictions, bench.ground_truth)
         row = {k: metrics[k] for k in ("uAP", "recall_at_p90", "threshold_at_p90", "acc_at_1", "n_gt")}
-        if thresholds is not None and thresholds.get(key):
+        if thresholds is not None and (thresholds.get(key) or {}).get("threshold") is not None:
             row["at_calibrated_threshold"] = at_threshold(predictions, bench.ground_truth, thresholds[key]["threshold"])
         return row
 
@@ -133,7 +133,7 @@ def card_markdown(card: dict, run_info: dict, summary: dict) -> str:
                        ("score_norm", f"score-normalised (background train/, beta {beta:g}, "
                                       f"ranks {SCORE_NORM_RANKS[0]}-{SCORE_NORM_RANKS[1]})")):
         t = card["thresholds"].get(key)
-        lines.append(f"| {label} | {fmt(t['threshold'], '.4f') if t else 'n/a'} | {fmt(val[key]['uAP'])} | "
+        lines.append(f"| {label} | {fmt(t['threshold'], '.4f') if t and t['threshold'] is not None else 'n/a'} | {fmt(val[key]['uAP'])} | "
                      f"{fmt(val[key]['recall_at_p90'])} |")
     if val.get("score_norm_betas"):
         tried = ", ".join(f"{b} {fmt(u)}" for b, u in val["score_norm_betas"].items())
@@ -204,11 +204,12 @@ def main() -> None:
     shipped = StudentModel(load_student(weights))
     print(f"{weights}: {weights.stat().st_size / 1e6:.1f} MB, fp16 vs fp32 descriptor cosine >= {cos:.5f}")
     val = previous["validation"] if previous else bench_model(shipped, Path(args.valbench))
-    thresholds = {key: ({"threshold": val[key]["threshold_at_p90"], "precision": 0.9,
-                         "recall": val[key]["recall_at_p90"], "benchmark": str(args.valbench), "k": 10,
-                         **({"beta": val["score_norm"].get("beta", SCORE_NORM_BETA), "ranks": list(SCORE_NORM_RANKS),
-                             "background": str(Path(args.valbench) / "train")} if key == "score_norm" else {})}
-                        if val[key]["threshold_at_p90"] is not None else None)
+    # threshold None where precision 0.9 was never reached (auto then refuses); the score-norm entry
+    # keeps its beta either way, since rdcd match --score-norm uses it
+    thresholds = {key: {"threshold": val[key]["threshold_at_p90"], "precision": 0.9,
+                        "recall": val[key]["recall_at_p90"], "benchmark": str(args.valbench), "k": 10,
+                        **({"beta": val["score_norm"].get("beta", SCORE_NORM_BETA), "ranks": list(SCORE_NORM_RANKS),
+                            "background": str(Path(args.valbench) / "train")} if key == "score_norm" else {})}
                   for key in ("raw", "score_norm")}
     recipe = ""
     meta = Path(args.valbench) / "benchmark.json"

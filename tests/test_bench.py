@@ -88,9 +88,14 @@ def test_a_shipped_model_is_also_scored_with_its_cards_beta(bench_dir, tmp_path,
     assert result["beta_own"] == 0.25
     bench = BenchmarkFolder.read(bench_dir)
     sets = embed_benchmark(_load_seeded("rdcd-tiny-32"), bench)
-    for beta, key in ((0.25, "uAP_sn_own"), (1.0, "uAP_sn")):
-        expected = evaluate(benchmark_predictions(sets, 10, True, beta=beta), bench.ground_truth)["uAP"]
-        assert result[key] == pytest.approx(expected)
+    expected = {beta: evaluate(benchmark_predictions(sets, 10, True, beta=beta), bench.ground_truth)["uAP"]
+                for beta in (0.25, 1.0)}
+    assert expected[0.25] != pytest.approx(expected[1.0])  # so the two columns tell the betas apart
+    assert result["uAP_sn_own"] == pytest.approx(expected[0.25])
+    assert result["uAP_sn"] == pytest.approx(expected[1.0])
+    # the same model given as its weights file (a shipped .pt) is recognised by its card
+    [by_file] = run_bench(bench_dir, [str(tmp_path / "weights" / "rdcd-tiny-32.pt")], progress=False)
+    assert by_file["beta_own"] == 0.25 and by_file["uAP_sn_own"] == pytest.approx(expected[0.25])
 
 
 def test_counts_come_from_the_benchmark_files(results, bench_dir):

@@ -8,6 +8,7 @@ from rdcd.commands import evaluate as evaluate_command
 from rdcd.commands import match as match_command
 from rdcd.descriptors import write_descriptors
 from rdcd.metrics import read_predictions, write_ground_truth, write_predictions
+from rdcd.match import match as match_fn
 
 
 def run_cli(*argv):
@@ -64,6 +65,9 @@ def test_match_then_eval(tmp_path, capsys):
     assert len(read_predictions(out)) == 60
     config = json.loads((tmp_path / "matches.config.json").read_text())
     assert config["whiten_dim"] == 8 and config["score_norm"] and config["model"] is None
+    assert config["beta"] == 1.0  # descriptor files carry no model: SSCD's beta, not the default model's card
+    with pytest.raises(ValueError, match="need a background set"):  # a clear error, even with a model given
+        match_fn(tmp_path / "q.h5", tmp_path / "r0.h5", model="rdcd-default", score_norm=True)
     capsys.readouterr()
     run_cli("eval", "--predictions", out, "--ground-truth", tmp_path / "gt.csv")
     assert json.loads(capsys.readouterr().out)["acc_at_1"] >= 0.9

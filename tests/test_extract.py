@@ -100,7 +100,12 @@ def test_npy_output_and_order(image_folder, tmp_path, tiny_model):
     np.testing.assert_array_equal(vec, r.vectors)
 
 
-def test_prefetch_thread_changes_nothing_but_the_overlap(messy_folder, tmp_path, tiny_model):
+def test_prefetch_thread_changes_nothing_but_the_overlap(messy_folder, tmp_path, tiny_model, monkeypatch):
+    import rdcd.extract as extract_module
+
+    calls = []
+    real = extract_module.prefetched
+    monkeypatch.setattr(extract_module, "prefetched", lambda it: calls.append(1) or real(it))
     folder, good, bad = messy_folder
     kw = dict(batch_size=3, workers=0, max_pixels=4_000_000, progress=False)
     on = extract(tiny_model, folder, prefetch=True, **kw)
@@ -108,6 +113,9 @@ def test_prefetch_thread_changes_nothing_but_the_overlap(messy_folder, tmp_path,
     assert on.ids == off.ids and len(on.ids) == len(good)
     np.testing.assert_array_equal(on.vectors, off.vectors)
     assert sorted(on.failures) == sorted(off.failures) and len(on.failures) == len(bad)
+    assert len(calls) == 1  # the thread ran only where asked (workers 0, prefetch on)
+    extract(tiny_model, folder, prefetch=True, **dict(kw, workers=1))
+    assert len(calls) == 1  # worker processes decode ahead already: no thread
 
 
 def test_prefetched_keeps_order_raises_and_stops():
@@ -126,14 +134,10 @@ def test_prefetched_keeps_order_raises_and_stops():
     with pytest.raises(OSError, match="disk gone"):
         next(got)
     # a consumer that stops early releases the producer thread (it would block on a full queue)
-    before = threading.active_count()
     early = prefetched(iter(range(10**9)))
     assert next(early) == 0
     early.close()
-    deadline = time.time() + 5
-    while threading.active_count() > before and time.time() < deadline:
-        time.sleep(0.05)
-    assert threading.active_count() == before
+    assert not [t for t in threading.enumerate() if t.name == "rdcd-prefetch"]
 
 
 def test_resume_after_crash_recomputes_nothing(image_folder, tmp_path, tiny_model):
@@ -221,3 +225,15 @@ def test_torchrun_two_processes_match_single(image_folder, tmp_path, tiny_studen
     np.testing.assert_allclose(vec, single.vectors, atol=1e-5)
     with open(tmp_path / "ddp.failures.csv") as fh:
         assert "broken.jpg" in fh.read()
+
+
+def test_cli_says_how_it_decodes(image_folder, tmp_path, tiny_student_file, capsys):
+    from rdcd.cli import main
+
+    args = ["extract", "--model", str(tiny_student_file), "--images", str(image_folder), "--workers", "0"]
+    assert main(args + ["--output", str(tmp_path / "a.h5")]) == 0
+    assert "the next batch in a thread" in capsys.readouterr().err
+    assert main(args + ["--output", str(tmp_path / "b.h5"), "--no-prefetch"]) == 0
+    err = capsys.readouterr().err
+    assert "decoding in this process" in err and "thread" not in err
+    np.testing.assert_array_equal(read_descriptors(tmp_path / "a.h5")[1], read_descriptors(tmp_path / "b.h5")[1])

@@ -44,6 +44,8 @@ def test_every_shipped_card_is_registered_and_loads():
         assert (WEIGHTS_DIR / card["file"]).stat().st_size < 40e6
         assert (WEIGHTS_DIR / f"{card['name']}.md").exists(), "each shipped model needs its model card"
         assert card["thresholds"]["raw"]["threshold"] is not None  # --threshold auto works for each
+        # the score-norm beta rdcd match uses is the one the card's validation numbers were measured at
+        assert card["thresholds"]["score_norm"]["beta"] == card["validation"]["score_norm"].get("beta", 1.0)
     assert sum(bool(c.get("default")) for c in cards) == 1
     assert models.model_file("rdcd-default") is not None
 
@@ -143,7 +145,7 @@ def test_threshold_auto_refuses_what_it_was_not_calibrated_for(tmp_path, tiny_st
     assert len(match(files, files, threshold=0.5, k=1)) == 2  # a number works with descriptor files
 
 
-def test_score_norm_uses_the_cards_beta_unless_told(tmp_path, tiny_student_file, image_folder, registry):
+def test_score_norm_uses_the_cards_beta_unless_told(tmp_path, tiny_student_file, image_folder, registry, capsys):
     from rdcd.match import resolve_beta
 
     thresholds = {"raw": {"threshold": 0.5, "precision": 0.9},
@@ -153,12 +155,19 @@ def test_score_norm_uses_the_cards_beta_unless_told(tmp_path, tiny_student_file,
     assert resolve_beta(0.75, "rdcd-default") == 0.75  # given wins
     assert resolve_beta(None, "sscd") == 1.0 and resolve_beta(None, None) == 1.0  # SSCD's beta otherwise
     assert resolve_beta(None, tiny_student_file) == 1.0  # a student file that is not the shipped one
+    assert resolve_beta(None, tmp_path / "weights" / "rdcd-tiny-32.pt") == 0.5  # the shipped file itself
     # match: beta None -> the card's 0.5, and the auto threshold (calibrated at 0.5) is accepted
     out = tmp_path / "m.csv"
     match(image_folder, image_folder, model="rdcd-default", background=image_folder, score_norm=True, k=2,
           threshold="auto", output=out)
     config = json.loads(out.with_name("m.config.json").read_text())
     assert config["beta"] == 0.5 and config["threshold"] == 0.1
+    from rdcd.cli import main
+
+    capsys.readouterr()
+    assert main(["models"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("rdcd-tiny-32 "))
+    assert "[--threshold auto] [--score-norm beta 0.5]" in line
     with pytest.raises(ValueError, match="calibrated with beta 0.5"):  # another beta: a number is needed
         match(image_folder, image_folder, model="rdcd-default", background=image_folder, score_norm=True,
               beta=1.0, threshold="auto")

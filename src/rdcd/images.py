@@ -20,6 +20,10 @@ from .descriptors import IMAGE_SUFFIXES, image_id
 
 #: default limit on width x height: 16k x 16k. DISC2021's largest images are far below this.
 DEFAULT_MAX_PIXELS = 16384 * 16384
+# Pillow warns above its own pixel limit; rdcd applies max_pixels itself (and names the file), so the
+# warning is noise. A filter set once, not warnings.catch_warnings() per file, which swaps the global
+# filter list and is not thread-safe (extract decodes in a thread).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module=r"PIL\.")
 
 
 class ImageLoadError(Exception):
@@ -65,22 +69,20 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
     if size == 0:
         raise ImageLoadError(path, "empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise ImageLoadError(path, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-                                               "(decompression bomb guard; raise max_pixels if the file is trusted)")
-                if getattr(im, "is_animated", False):
-                    im.seek(0)
-                if draft_size and im.format == "JPEG":
-                    im.draft("RGB", (draft_size, draft_size))
-                im.load()
-                im = ImageOps.exif_transpose(im) if im.getexif() else im
-                rgb = _to_rgb(im)
-                if rgb is im:
-                    rgb = im.copy()
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageLoadError(path, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                                           "(decompression bomb guard; raise max_pixels if the file is trusted)")
+            if getattr(im, "is_animated", False):
+                im.seek(0)
+            if draft_size and im.format == "JPEG":
+                im.draft("RGB", (draft_size, draft_size))
+            im.load()
+            im = ImageOps.exif_transpose(im) if im.getexif() else im
+            rgb = _to_rgb(im)
+            if rgb is im:
+                rgb = im.copy()
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as e:

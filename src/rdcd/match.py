@@ -132,7 +132,15 @@ def match(
     scoring at least the threshold are the copies (``copies(predictions, config)``); with ``output``
     they are also written to ``*.copies.csv``. All candidate pairs stay in the predictions.
     """
-    beta = resolve_beta(beta, model)
+    if (score_norm or whiten_dim) and background is None:
+        raise ValueError(
+            "score normalisation and whitening need a background set (CLI: --background): descriptors or images "
+            "of a collection unrelated to the references, e.g. the DISC2021 training images"
+        )
+    sets = [queries, references] + ([background] if score_norm or whiten_dim else [])
+    embeds = model is not None and any(is_image_source(s) for s in sets)
+    # the card's beta only when the shipped model makes the descriptors here (files carry no model)
+    beta = resolve_beta(beta, model if embeds else None)
     config = MatchConfig(
         k=k, index=index, nprobe=nprobe, ef_search=ef_search, global_n=global_n, score_norm=score_norm,
         beta=beta, ranks=tuple(ranks), whiten_dim=whiten_dim,
@@ -141,16 +149,12 @@ def match(
         check_auto_inputs(threshold, queries, references)
         config.threshold, config.threshold_source = resolve_threshold(threshold, model, score_norm, whiten_dim,
                                                                       beta, tuple(ranks))
-    sets = [queries, references] + ([background] if score_norm or whiten_dim else [])
-    if model is not None and any(is_image_source(s) for s in sets):
+    if embeds:
         config.model = getattr(model, "name", str(model))
-    if (score_norm or whiten_dim) and background is None:
-        raise ValueError(
-            "score normalisation and whitening need a background set (CLI: --background): descriptors or images "
-            "of a collection unrelated to the references, e.g. the DISC2021 training images"
-        )
     set_threads(threads)
-    if model is not None and any(is_image_source(s) for s in sets):
+    if score_norm:
+        log.info("score normalisation: beta %g, ranks %d..%d", beta, *ranks)
+    if embeds:
         from rdcd.extract import prepare_model
 
         # load once (every image set must be embedded by the same weights), keeping extract's runtime choice
