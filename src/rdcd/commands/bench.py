@@ -13,7 +13,9 @@ def register(subparsers) -> None:
         "bench", help="compare models on a benchmark folder (size, speed, uAP, recall@P90, accuracy@1)",
         description="Embed a benchmark's queries, references and train images with each model in turn, match "
                     "(kNN, with and without score normalisation on train/) and print one row per model: "
-                    "descriptor size, extraction speed, uAP, uAP with score normalisation, recall@P90, accuracy@1.")
+                    "descriptor size, extraction speed, uAP, uAP with score normalisation (SSCD's beta 1), the "
+                    "model's own beta (a shipped student's calibrated one, else 1) and uAP with it, recall@P90, "
+                    "accuracy@1.")
     p.add_argument("--benchmark", required=True,
                    help="benchmark folder: queries/, references/, train/, ground_truth.csv [, edits.csv]")
     p.add_argument("--models", required=True,
