@@ -33,3 +33,6 @@ run r64_long --dim 64 --steps 1800 --val-every 600
 # session 4: a second seed of the 128-d L_rel ablation (same 600-step budget; docs/experiments.md)
 run r128_s1 --dim 128 --seed 1
 run r128_norel_s1 --dim 128 --no-rel --seed 1
+run r256_s1 --dim 256 --seed 1
+run r256_norel_s1 --dim 256 --no-rel --seed 1
+run r128_nohn_s1 --dim 128 --no-hn --seed 1

@@ -146,6 +146,7 @@ def test_threshold_auto_refuses_what_it_was_not_calibrated_for(tmp_path, tiny_st
 
 
 def test_score_norm_uses_the_cards_beta_unless_told(tmp_path, tiny_student_file, image_folder, registry, capsys):
+    from rdcd.cli import main
     from rdcd.match import resolve_beta
 
     thresholds = {"raw": {"threshold": 0.5, "precision": 0.9},
@@ -162,8 +163,10 @@ def test_score_norm_uses_the_cards_beta_unless_told(tmp_path, tiny_student_file,
           threshold="auto", output=out)
     config = json.loads(out.with_name("m.config.json").read_text())
     assert config["beta"] == 0.5 and config["threshold"] == 0.1
-    from rdcd.cli import main
-
+    capsys.readouterr()
+    assert main(["match", "--queries", str(image_folder), "--references", str(image_folder), "--background",
+                 str(image_folder), "--score-norm", "--k", "2", "--output", str(tmp_path / "c.csv")]) == 0
+    assert "score normalisation with beta 0.5 (the model card)" in capsys.readouterr().err  # default model
     capsys.readouterr()
     assert main(["models"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("rdcd-tiny-32 "))
