@@ -35,4 +35,3 @@ run r128_s1 --dim 128 --seed 1
 run r128_norel_s1 --dim 128 --no-rel --seed 1
 run r256_s1 --dim 256 --seed 1
 run r256_norel_s1 --dim 256 --no-rel --seed 1
-run r128_nohn_s1 --dim 128 --no-hn --seed 1
