@@ -30,7 +30,7 @@ run r128_long --dim 128 --steps 1800 --val-every 600
 run r256_long --dim 256 --steps 1800 --val-every 600
 # session 4: the 64-d model on the same longer schedule
 run r64_long --dim 64 --steps 1800 --val-every 600
-# session 4: a second seed of the 128-d L_rel ablation (same 600-step budget; docs/experiments.md)
+# session 4: a second seed of the 128-d and 256-d L_rel ablations (same 600-step budget; docs/experiments.md)
 run r128_s1 --dim 128 --seed 1
 run r128_norel_s1 --dim 128 --no-rel --seed 1
 run r256_s1 --dim 256 --seed 1
