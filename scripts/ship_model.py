@@ -54,18 +54,15 @@ def bench_model(model, folder: Path, thresholds: dict | None = None, beta: float
         return row
 
     out["raw"] = score("raw", False)
+    tried = BETAS if beta is None else tuple(dict.fromkeys((beta, SCORE_NORM_BETA)))
+    # the calibrated threshold (thresholds["score_norm"]) holds at the model's beta only
+    sweep = {b: score("score_norm" if b == beta else "", True, b) for b in tried}
     if beta is None:
-        sweep = {b: score("score_norm", True, b) for b in BETAS}
         out["score_norm_betas"] = {f"{b:g}": row["uAP"] for b, row in sweep.items()}
         beta = max(BETAS, key=lambda b: (sweep[b]["uAP"], -abs(b - SCORE_NORM_BETA)))
-        out["score_norm"] = sweep[beta]
-        if beta != SCORE_NORM_BETA:
-            out["score_norm_beta1"] = sweep[SCORE_NORM_BETA]
-    else:
-        out["score_norm"] = score("score_norm", True, beta)
-        if beta != SCORE_NORM_BETA:
-            out["score_norm_beta1"] = score("score_norm_beta1", True)
-    out["score_norm"]["beta"] = float(beta)
+    out["score_norm"] = dict(sweep[beta], beta=float(beta))
+    if beta != SCORE_NORM_BETA:
+        out["score_norm_beta1"] = sweep[SCORE_NORM_BETA]
     return out
 
 
@@ -133,7 +130,7 @@ def card_markdown(card: dict, run_info: dict, summary: dict) -> str:
                        ("score_norm", f"score-normalised (background train/, beta {beta:g}, "
                                       f"ranks {SCORE_NORM_RANKS[0]}-{SCORE_NORM_RANKS[1]})")):
         t = card["thresholds"].get(key)
-        lines.append(f"| {label} | {fmt(t['threshold'], '.4f') if t and t['threshold'] is not None else 'n/a'} | {fmt(val[key]['uAP'])} | "
+        lines.append(f"| {label} | {fmt((t or {}).get('threshold'), '.4f')} | {fmt(val[key]['uAP'])} | "
                      f"{fmt(val[key]['recall_at_p90'])} |")
     if val.get("score_norm_betas"):
         tried = ", ".join(f"{b} {fmt(u)}" for b, u in val["score_norm_betas"].items())

@@ -125,6 +125,22 @@ def test_prefetched_keeps_order_raises_and_stops():
 
     assert list(prefetched(iter(range(50)), depth=2)) == list(range(50))
 
+    # it runs ahead: while the consumer holds item 0, the thread fetches item 1 (a plain loop would not)
+    fetched = []
+
+    def source():
+        for i in range(3):
+            fetched.append(i)
+            yield i
+
+    ahead = prefetched(source())
+    assert next(ahead) == 0
+    deadline = time.time() + 5
+    while len(fetched) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert fetched[:2] == [0, 1]
+    assert list(ahead) == [1, 2]
+
     def broken():
         yield 1
         raise OSError("disk gone")

@@ -52,3 +52,7 @@ def test_calibration_keeps_the_beta_of_the_best_validation_uap(ship_model, small
     assert report["score_norm"]["beta"] == 0.5 and "score_norm_betas" not in report
     assert report["score_norm"]["uAP"] == pytest.approx(tried[0.5])
     assert report["score_norm_beta1"]["uAP"] == pytest.approx(tried[1.0])
+    # a threshold calibrated at the model's beta is checked at that beta only, never at beta 1
+    with_threshold = ship_model.bench_model(model, small_bench, {"score_norm": {"threshold": 0.0}}, beta=0.5)
+    assert "at_calibrated_threshold" in with_threshold["score_norm"]
+    assert "at_calibrated_threshold" not in with_threshold["score_norm_beta1"]

@@ -152,11 +152,12 @@ def test_score_norm_uses_the_cards_beta_unless_told(tmp_path, tiny_student_file,
     thresholds = {"raw": {"threshold": 0.5, "precision": 0.9},
                   "score_norm": {"threshold": 0.1, "precision": 0.9, "beta": 0.5, "ranks": [0, 2]}}
     register_shipped(write_card(tmp_path / "weights", tiny_student_file, thresholds=thresholds))
-    assert resolve_beta(None, "rdcd-default") == 0.5 and resolve_beta(None, "rdcd-tiny-32") == 0.5
-    assert resolve_beta(0.75, "rdcd-default") == 0.75  # given wins
-    assert resolve_beta(None, "sscd") == 1.0 and resolve_beta(None, None) == 1.0  # SSCD's beta otherwise
-    assert resolve_beta(None, tiny_student_file) == 1.0  # a student file that is not the shipped one
-    assert resolve_beta(None, tmp_path / "weights" / "rdcd-tiny-32.pt") == 0.5  # the shipped file itself
+    card_path = str(tmp_path / "weights" / "rdcd-tiny-32.json")
+    assert resolve_beta(None, "rdcd-default") == resolve_beta(None, "rdcd-tiny-32") == (0.5, card_path)
+    assert resolve_beta(0.75, "rdcd-default") == (0.75, "given")  # given wins
+    assert resolve_beta(None, "sscd") == resolve_beta(None, None) == (1.0, "SSCD's default")  # otherwise
+    assert resolve_beta(None, tiny_student_file)[0] == 1.0  # a student file that is not the shipped one
+    assert resolve_beta(None, tmp_path / "weights" / "rdcd-tiny-32.pt") == (0.5, card_path)  # the file itself
     # match: beta None -> the card's 0.5, and the auto threshold (calibrated at 0.5) is accepted
     out = tmp_path / "m.csv"
     match(image_folder, image_folder, model="rdcd-default", background=image_folder, score_norm=True, k=2,
@@ -166,7 +167,7 @@ def test_score_norm_uses_the_cards_beta_unless_told(tmp_path, tiny_student_file,
     capsys.readouterr()
     assert main(["match", "--queries", str(image_folder), "--references", str(image_folder), "--background",
                  str(image_folder), "--score-norm", "--k", "2", "--output", str(tmp_path / "c.csv")]) == 0
-    assert "score normalisation with beta 0.5 (the model card)" in capsys.readouterr().err  # default model
+    assert f"score normalisation with beta 0.5 ({card_path})" in capsys.readouterr().err  # the default model's
     capsys.readouterr()
     assert main(["models"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("rdcd-tiny-32 "))

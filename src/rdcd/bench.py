@@ -212,7 +212,7 @@ def _bench_one(spec, bench: BenchmarkFolder, k: int, size: int | None, batch_siz
     # `rdcd match --score-norm`); every other model's is SSCD's 1
     from rdcd.match import resolve_beta
 
-    result["beta_own"] = resolve_beta(None, spec if isinstance(spec, (str, os.PathLike)) else None)
+    result["beta_own"] = resolve_beta(None, spec)[0]
     result["uAP_sn_own"] = result["uAP_sn"] if result["beta_own"] == SCORE_NORM_BETA else evaluate(
         benchmark_predictions(sets, k, True, beta=result["beta_own"]), bench.ground_truth)["uAP"]
     result["uAP_by_edit"] = by_edit if bench.edits is not None else None

@@ -139,14 +139,15 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
                for b in range(0, e - s, batch_size)]
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
                         persistent_workers=False)
+    prefetch = prefetch and workers == 0  # worker processes decode ahead already
     if progress and du.is_main() and batches:
-        print(f"rdcd: decoding in {workers} worker process(es)" if workers else
-              "rdcd: decoding in this process" + (", the next batch in a thread while this one is embedded"
-                                                 if prefetch else ""), file=sys.stderr)
+        how = (f"in {workers} worker process(es)" if workers else "in this process"
+               + (", the next batch in a thread while this one is embedded" if prefetch else ""))
+        print(f"rdcd: decoding {how}", file=sys.stderr)
     pending: dict[int, list] = {c: [[], [], []] for c in todo}
     chunk_of = {i: c for c in todo for i in range(*chunks[c])}
     remaining = {c: chunks[c][1] - chunks[c][0] for c in todo}
-    for idx, arr, bad in (prefetched(loader) if prefetch and workers == 0 else loader):
+    for idx, arr, bad in (prefetched(loader) if prefetch else loader):
         vecs = model.embed(arr) if arr is not None else np.zeros((0, model.dim), np.float32)
         for i, v in zip(idx, vecs):
             c = chunk_of[i]

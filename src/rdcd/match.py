@@ -39,6 +39,7 @@ class MatchConfig:
     global_n: int | None = None  # keep the N best pairs over all queries instead of k per query
     score_norm: bool = False
     beta: float = 1.0
+    beta_source: str | None = None  # "given", the shipped model's card, or SSCD's default
     ranks: tuple[int, int] = (0, 2)
     whiten_dim: int | None = None
     model: str | None = None
@@ -140,10 +141,10 @@ def match(
     sets = [queries, references] + ([background] if score_norm or whiten_dim else [])
     embeds = model is not None and any(is_image_source(s) for s in sets)
     # the card's beta only when the shipped model makes the descriptors here (files carry no model)
-    beta = resolve_beta(beta, model if embeds else None)
+    beta, beta_source = resolve_beta(beta, model if embeds else None)
     config = MatchConfig(
         k=k, index=index, nprobe=nprobe, ef_search=ef_search, global_n=global_n, score_norm=score_norm,
-        beta=beta, ranks=tuple(ranks), whiten_dim=whiten_dim,
+        beta=beta, beta_source=beta_source, ranks=tuple(ranks), whiten_dim=whiten_dim,
     )
     if threshold is not None:
         check_auto_inputs(threshold, queries, references)
@@ -212,14 +213,18 @@ def _shipped_card(model) -> dict | None:
     return card_for(model)
 
 
-def resolve_beta(beta: float | None, model=None) -> float:
-    """The score-normalisation weight: ``beta`` as given; ``None``: the beta in the shipped model's card
-    (chosen on its validation benchmark, the one its ``auto`` threshold was calibrated with), or SSCD's 1
-    for every other model (and for descriptor files, which carry no model)."""
+def resolve_beta(beta: float | None, model=None) -> tuple[float, str]:
+    """(score-normalisation weight, where it came from): ``beta`` as given; ``None``: the beta in the
+    shipped model's card (chosen on its validation benchmark, the one its ``auto`` threshold was
+    calibrated with), or SSCD's 1 for every other model (and for descriptor files, which carry no model)."""
     if beta is not None:
-        return float(beta)
-    entry = ((_shipped_card(model) or {}).get("thresholds") or {}).get("score_norm") or {}
-    return float(entry.get("beta", 1.0))
+        return float(beta), "given"
+    card = _shipped_card(model)
+    entry = ((card or {}).get("thresholds") or {}).get("score_norm") or {}
+    if "beta" in entry:
+        return float(entry["beta"]), card["card_path"]
+    return 1.0, "SSCD's default"
+
 
 
 def _is_auto(threshold) -> bool:

@@ -63,12 +63,11 @@ def run(args) -> int:
         batch_size=args.batch_size, workers=args.workers, threads=args.threads, threshold=args.threshold,
     )
     print(f"rdcd: {len(predictions)} candidate pairs -> {args.output}", file=sys.stderr)
-    if args.score_norm:  # the beta match() resolved (given, the shipped model's card, or SSCD's 1)
-        beta = json.loads(config_path(args.output).read_text())["beta"]
-        origin = "given" if args.beta is not None else ("the model card" if beta != 1.0 else "SSCD's default")
-        print(f"rdcd: score normalisation with beta {beta:g} ({origin})", file=sys.stderr)
-    if args.threshold is not None:  # match() resolved it (a number, or auto from the model card) and recorded it
-        resolved = json.loads(config_path(args.output).read_text())
+    # match() resolved beta and the threshold (given, or from the model card) once and recorded them
+    resolved = json.loads(config_path(args.output).read_text())
+    if args.score_norm:
+        print(f"rdcd: score normalisation with beta {resolved['beta']:g} ({resolved['beta_source']})", file=sys.stderr)
+    if args.threshold is not None:
         threshold = resolved["threshold"]
         if resolved.get("threshold_source") != "given":
             print(f"rdcd: threshold {threshold:.4f} from {resolved['threshold_source']}", file=sys.stderr)
