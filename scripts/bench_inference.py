@@ -30,7 +30,9 @@ from rdcd.export import export
 from rdcd.extract import extract
 from rdcd.images import list_images, load_image_array, open_image, resize_square
 from rdcd.models import load_model
+from rdcd.models.shipped import card_for, int8_file
 from rdcd.models.student import OFFLINE_PRETRAINED, build_student, load_student, save_student
+from timm.layers.conv2d_same import Conv2dSame
 from rdcd.models.teachers import cpu_threads
 
 DEVBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "devbench"
@@ -92,6 +94,12 @@ def student_variants(spec: str, work: Path, calibration: str):
     name = net.config.name or path.stem
     yield f"{name} PyTorch fp32", load_model(path)
     yield f"{name} ONNX fp32", load_model(export(path, work / f"{path.stem}.fp32.onnx"))
+    if any(isinstance(m, Conv2dSame) for m in net.modules()):  # the graph before rdcd exported SAME_UPPER convs
+        yield f"{name} ONNX fp32, Pad+Conv graph", load_model(export(path, work / f"{path.stem}.pad.onnx",
+                                                                     same_upper=False))
+    int8, _ = int8_file(card_for(path))
+    if int8 is not None:  # what `rdcd extract` runs for a shipped model on a CPU
+        yield f"{name} shipped int8 file (rdcd extract default)", load_model(int8)
     yield f"{name} ONNX int8 QOperator", load_model(export(path, work / f"{path.stem}.int8.onnx", precision="int8",
                                                            calibration=calibration, calibration_size=64))
     yield f"{name} ONNX int8 QDQ", load_model(export(path, work / f"{path.stem}.int8qdq.onnx", precision="int8",
@@ -148,6 +156,10 @@ def pipeline_rows(student_file: Path, paths, size: int, repeats: int, threads: i
         e2e = end_to_end(onnx, paths, size, repeats, workers=workers)
         alternative = f"no prefetch thread: {no_prefetch:.1f} img/s" if workers == 0 else ""
         rows.append(f"| end to end (ONNX fp32), DataLoader workers={workers} | {e2e:.1f} img/s | {alternative} |")
+    quiet = load_model(work / "pipeline.onnx", spinning=False)
+    spin_off = end_to_end(quiet, paths, size, repeats)
+    rows.append(f"| end to end (ONNX fp32), ONNX Runtime threads spin while idle (its default) | "
+                f"{end_to_end(onnx, paths, size, repeats):.1f} img/s | spinning off: {spin_off:.1f} img/s |")
     e2e_large = end_to_end(onnx, large, size, repeats)
     e2e_large_draft = end_to_end(onnx, large, size, repeats, draft=True)
     rows.append(f"| end to end (ONNX fp32), ~1500 px JPEGs | {e2e_large:.1f} img/s | draft mode: "
@@ -228,7 +240,7 @@ def main(argv=None) -> int:
         out += ["", "## Targets", ""]
         sscd_label = "sscd (SSCD R50 teacher, int8 ONNX)"
         for label, _ in models:
-            if args.no_teachers or not label.endswith(("ONNX fp32", "ONNX int8 QDQ")):
+            if args.no_teachers or not label.endswith(("ONNX fp32", "ONNX int8 QDQ", "(rdcd extract default)")):
                 continue
             for s in args.sizes:
                 e2e, t_e2e = speeds[label, s][1], speeds[sscd_label, s][1]

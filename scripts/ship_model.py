@@ -11,7 +11,12 @@
    auto`` uses them.
 3. ``--devbench``: the final report. Metrics on that benchmark, and the precision and recall the
    calibrated thresholds give there. Never used to choose anything.
-4. ``rdcd/weights/NAME.json`` (machine-readable card) and ``NAME.md`` (the model card).
+4. ``rdcd/weights/NAME.int8.onnx``: the shipped weights quantised to int8 for ONNX Runtime
+   (``rdcd export --precision int8``, calibrated on the run's training images, ``--int8-calibration``),
+   which ``rdcd extract`` runs by default on a CPU. Measured: cosine to the fp32 descriptors on the
+   validation benchmark's references, and uAP (and precision/recall at the fp32-calibrated
+   thresholds) on the validation benchmark and on devbench.
+5. ``rdcd/weights/NAME.json`` (machine-readable card) and ``NAME.md`` (the model card).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import torch
 from rdcd.bench import (SCORE_NORM_BETA, SCORE_NORM_RANKS, BenchmarkFolder, benchmark_predictions, embed_benchmark,
                         machine_description)
 from rdcd.metrics import at_threshold, evaluate
-from rdcd.models.shipped import WEIGHTS_DIR
+from rdcd.models.shipped import WEIGHTS_DIR, file_sha256
 from rdcd.models.student import StudentModel, load_student, save_student
 
 
@@ -64,6 +69,35 @@ def bench_model(model, folder: Path, thresholds: dict | None = None, beta: float
     if beta != SCORE_NORM_BETA:
         out["score_norm_beta1"] = sweep[SCORE_NORM_BETA]
     return out
+
+
+INT8_PARITY_IMAGES = 64  # validation-benchmark references on which int8 is compared with fp32
+
+
+def ship_int8(name: str, weights: Path, size: int, calibration: str, valbench: Path, devbench: Path | None,
+              thresholds: dict, beta: float) -> dict:
+    """Export the shipped weights to int8 ONNX beside them and measure it against fp32 (see module doc)."""
+    from rdcd.export import ExportConfig, calibration_images, export
+    from rdcd.models.teachers import OnnxModel
+
+    cfg = ExportConfig(precision="int8", calibration=calibration, input_size=size)
+    path = export(weights, WEIGHTS_DIR / f"{name}.int8.onnx", cfg)
+    int8, fp32 = OnnxModel(path), StudentModel(load_student(weights))
+    images = calibration_images(valbench / "references", size, INT8_PARITY_IMAGES)
+    cos = np.sum(int8.embed(images) * fp32.embed(images), axis=1)
+    entry = {
+        "file": path.name, "file_bytes": path.stat().st_size, "weights_sha256": file_sha256(weights),
+        "calibration": {"images": calibration, "count": cfg.calibration_size, "size": size},
+        "export": {"quant_format": cfg.quant_format, "per_channel": cfg.per_channel, "float_layers": cfg.float_layers},
+        "cosine_to_fp32": {"mean": float(cos.mean()), "min": float(cos.min()), "images": len(images),
+                           "of": str(valbench / "references")},
+        "validation": bench_model(int8, valbench, thresholds, beta=beta),
+        "date": datetime.date.today().isoformat(),
+    }
+    if devbench is not None:
+        entry["devbench"] = bench_model(int8, devbench, thresholds, beta=beta)
+    print(f"{path}: {entry['file_bytes'] / 1e6:.1f} MB, cosine to fp32 mean {cos.mean():.4f} min {cos.min():.4f}")
+    return entry
 
 
 DEFAULT_ROW_YES, DEFAULT_ROW_NO = "| default model | yes (`rdcd-default`) |", "| default model | no |"
@@ -164,6 +198,33 @@ def card_markdown(card: dict, run_info: dict, summary: dict) -> str:
             lines.append(f"| {label} | {fmt(r['uAP'])} | {fmt(r['recall_at_p90'])} | {fmt(r['acc_at_1'])} | {at} |")
         lines += ["", "The side-by-side table with the teacher, the peer and the hashes (one `rdcd bench` run) is in "
                   "BENCHMARKS.md.", ""]
+    q = card.get("int8")
+    if q:
+        c = q["cosine_to_fp32"]
+        lines += [
+            "## int8 (what `rdcd extract` runs on a CPU by default)",
+            "",
+            f"`{q['file']}` ({q['file_bytes'] / 1e6:.1f} MB): these weights exported by `rdcd export --precision int8` "
+            f"(ONNX Runtime static quantisation, {q['export']['quant_format'].upper()}, per-channel, first "
+            f"{q['export']['float_layers']} weighted layers kept fp32), calibrated on {q['calibration']['count']} images "
+            f"of `{q['calibration']['images']}` (training images) at {q['calibration']['size']} px; {q['date']}. "
+            "`--precision fp32` runs the fp32 weights instead; a GPU runs them in PyTorch.",
+            "",
+            f"- Descriptor cosine to fp32 on {c['images']} images of `{c['of']}`: mean {c['mean']:.4f}, min {c['min']:.4f}.",
+            "",
+            "| benchmark | scores | uAP fp32 | uAP int8 | int8 precision / recall at the calibrated threshold (flagged) |",
+            "|---|---|---|---|---|",
+        ]
+        for bench_key, label, fp32 in (("validation", "validation", val), ("devbench", "devbench", dev)):
+            if bench_key not in q or not fp32:
+                continue
+            for key, scores in (("raw", "raw"), ("score_norm", f"score-normalised, beta {beta:g}")):
+                r = q[bench_key][key]
+                a = r.get("at_calibrated_threshold")
+                at = f"{fmt(a['precision'])} / {fmt(a['recall'])} ({a['n_flagged']})" if a else "n/a"
+                lines.append(f"| {label} | {scores} | {fmt(fp32[key]['uAP'])} | {fmt(r['uAP'])} | {at} |")
+        lines += ["", "The thresholds were calibrated on the fp32 descriptors; the last column shows how they hold "
+                  "for int8.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -176,6 +237,8 @@ def main() -> None:
     parser.add_argument("--default", action="store_true", help="make this the default model (rdcd-default)")
     parser.add_argument("--description", default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--int8-calibration", default=None,
+                        help="images to calibrate the int8 file on (default: the run's training data)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the measurements of an existing NAME.json, rewrite the card texts only")
     args = parser.parse_args()
@@ -240,6 +303,14 @@ def main() -> None:
         card["devbench"] = bench_model(shipped, Path(args.devbench), thresholds,
                                        beta=val["score_norm"].get("beta", SCORE_NORM_BETA))
         card["devbench_date"] = datetime.date.today().isoformat()
+    old_int8 = (previous or {}).get("int8")
+    if old_int8 and (WEIGHTS_DIR / old_int8["file"]).is_file() and old_int8.get("weights_sha256") == file_sha256(weights):
+        card["int8"] = old_int8  # --reuse, and made from these very weights
+    else:
+        card["int8"] = ship_int8(args.name, weights, net.config.input_size,
+                                 args.int8_calibration or run_info["config"]["data"], Path(args.valbench),
+                                 Path(args.devbench) if args.devbench else None, thresholds,
+                                 val["score_norm"].get("beta", SCORE_NORM_BETA))
     if args.default:  # one default: take the flag from every other card
         for other in WEIGHTS_DIR.glob("*.json"):
             if other.name != f"{args.name}.json":

@@ -164,6 +164,53 @@ def test_int8_nodes_keep_the_first_weighted_layers_in_float(onnx_fp32):
         int8_nodes(graph, float_layers=len(weighted))
 
 
+def test_tf_same_padding_exports_as_same_upper_convs_with_identical_outputs(tmp_path):
+    """timm's dynamic TF "same" padding (Conv2dSame: Pad then Conv) exports as Conv(auto_pad=SAME_UPPER)
+    with no Pad before it, and the outputs equal PyTorch's for even and odd sizes (where the padding
+    differs: stride 2, kernels 3 and 5). A dilated one keeps its Pad (ONNX Runtime refuses auto_pad
+    with dilation)."""
+    import torch
+    from timm.layers.conv2d_same import Conv2dSame
+
+    from rdcd.export import ExportConfig, SourceModel, export_onnx
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Conv2dSame(3, 8, 3, stride=2, bias=False), torch.nn.ReLU(),
+                              Conv2dSame(8, 8, 5, stride=2, groups=8), torch.nn.ReLU(),
+                              Conv2dSame(8, 6, 3, stride=1, dilation=2), torch.nn.Flatten(2)).eval()
+
+    class Head(torch.nn.Module):  # keep positions: a border error must show in the output
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x)[:, :, :4].flatten(1)
+
+    src = SourceModel(Head().eval(), "same-test", 24, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), {})
+    fused = export_onnx(src, tmp_path / "fused.onnx", ExportConfig())
+    padded = export_onnx(src, tmp_path / "padded.onnx", ExportConfig(same_upper=False))
+    ops = [n.op_type for n in onnx.load(str(fused)).graph.node]
+    assert ops.count("Pad") == 1 and ops.count("Conv") == 3  # the dilated layer's
+    auto_pad = [a.s for n in onnx.load(str(fused)).graph.node if n.op_type == "Conv"
+                for a in n.attribute if a.name == "auto_pad"]
+    assert auto_pad == [b"SAME_UPPER", b"SAME_UPPER"]
+    assert "Pad" in [n.op_type for n in onnx.load(str(padded)).graph.node]  # timm's form, for comparison
+    rng = np.random.default_rng(0)
+    for h, w in [(32, 32), (33, 31), (17, 40), (9, 9)]:
+        images = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+        x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+        with torch.no_grad():
+            want = torch.nn.functional.normalize(src.network(x), dim=1).numpy()
+        for path in (fused, padded):
+            got = ort.InferenceSession(str(path)).run(None, {"image": images})[0]
+            np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"{path.name} at {h}x{w}")
+    # the real backbone: every Conv2dSame of tf_efficientnet_lite0 becomes SAME_UPPER (timm builds 5)
+    from rdcd.export import fuse_same_padding
+
+    assert fuse_same_padding(build_student("tf_efficientnet_lite0", dim=8, kd_dim=16, input_size=64)) == 5
+
+
 def test_interrupted_export_leaves_no_file(student_file, tmp_path, monkeypatch):
     def killed(graph, path, *args, **kwargs):
         with open(path, "wb") as fh:

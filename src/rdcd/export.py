@@ -46,6 +46,7 @@ FORMATS = ("onnx", "torchscript")
 PRECISIONS = ("fp32", "fp16", "int8")
 QUANT_FORMATS = ("qdq", "qoperator")
 INPUT_NAME, OUTPUT_NAME = "image", "embedding"
+GRAPH_REVISION = 2  # bump when the exported graph changes, so cached exports are rebuilt (2: SAME_UPPER convs)
 ONNX_INPUT_CONVENTION = ("uint8 RGB NHWC (n, H, W, 3), values 0-255, each image resized to "
                          "input_size x input_size (bilinear, aspect not kept); normalisation inside the graph")
 TORCHSCRIPT_INPUT_CONVENTION = "float32 NCHW (n, 3, H, W), RGB scaled to 0-1 then (x - mean) / std"
@@ -65,6 +66,7 @@ class ExportConfig:
     per_channel: bool = True  # int8 weight scales per output channel (better accuracy, same speed)
     float_layers: int = 3  # int8: the first N weighted layers stay fp32 (most of the error, little of the time)
     input_size: int | None = None  # written to the metadata and used for calibration; default: the model's
+    same_upper: bool = True  # timm's dynamic "same" padding as Conv(auto_pad=SAME_UPPER), not Pad + Conv
 
     def check(self) -> None:
         if self.format not in FORMATS:
@@ -121,7 +123,8 @@ class UInt8Pipeline(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = (image.float().permute(0, 3, 1, 2) - self.mean) / self.std
+        # transpose the uint8 pixels, then widen: a quarter of the bytes to move (same values)
+        x = (image.permute(0, 3, 1, 2).float() - self.mean) / self.std
         return F.normalize(self.network(x).float(), dim=1)
 
 
@@ -175,7 +178,7 @@ def export_onnx(src: SourceModel, output: str | os.PathLike, cfg: ExportConfig) 
     output = Path(output)
     with tempfile.TemporaryDirectory(prefix="rdcd-export-") as work:
         fp32 = Path(work) / "fp32.onnx"
-        trace_onnx(src, fp32, cfg.opset)
+        trace_onnx(src, fp32, cfg.opset, cfg.same_upper)
         if cfg.precision == "int8":
             graph = quantize_int8(fp32, Path(work) / "int8.onnx", cfg, cfg.input_size or src.input_size)
         else:
@@ -189,9 +192,72 @@ def export_onnx(src: SourceModel, output: str | os.PathLike, cfg: ExportConfig) 
     return output
 
 
-def trace_onnx(src: SourceModel, path: Path, opset: int) -> None:
-    """The uint8 pipeline as an fp32 ONNX graph with dynamic batch, height and width."""
-    pipeline = UInt8Pipeline(src.network, src.mean, src.std).eval()
+@torch.library.custom_op("rdcd::conv2d_same_upper", mutates_args=())
+def conv2d_same_upper(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: list[int],
+                      dilation: list[int], groups: int) -> torch.Tensor:
+    """timm's TensorFlow-style "same" convolution (pad by an amount computed from the input size,
+    the extra pixel at the end, then convolve), as an op that exports to ONE ONNX ``Conv`` with
+    ``auto_pad="SAME_UPPER"``: the same padding rule, applied inside ONNX Runtime's convolution
+    kernel. Traced as timm writes it, it becomes shape arithmetic + a ``Pad`` of the whole activation
+    + a ``Conv``; at 288 px that ``Pad``, the layout changes around it and (int8) the
+    dequantise/quantise pairs it needs took 22 % (fp32) and 48 % (int8) of the shipped student's
+    time (ONNX Runtime profile, docs/bench_inference.md)."""
+    from timm.layers.conv2d_same import conv2d_same
+
+    return conv2d_same(x, weight, bias, tuple(stride), (0, 0), tuple(dilation), groups)
+
+
+def _conv2d_same_upper_onnx(g, x, weight, bias, stride, dilation, groups):
+    from torch.onnx import symbolic_helper
+
+    kernel = symbolic_helper._get_tensor_sizes(weight)[2:]
+    return g.op("Conv", x, weight, bias, kernel_shape_i=kernel, strides_i=stride, dilations_i=dilation,
+                group_i=groups, auto_pad_s="SAME_UPPER")
+
+
+def _register_onnx_symbolics() -> None:
+    from torch.onnx import register_custom_op_symbolic, symbolic_helper
+
+    symbolic = symbolic_helper.parse_args("v", "v", "v", "is", "is", "i")(_conv2d_same_upper_onnx)
+    register_custom_op_symbolic("rdcd::conv2d_same_upper", symbolic, 9)
+
+
+class SameUpperConv(nn.Module):
+    """Export-time stand-in for timm's ``Conv2dSame``: same weights, same outputs (conv2d_same_upper)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.weight = conv.weight
+        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, dtype=conv.weight.dtype)
+        self.register_buffer("bias", bias.detach().clone())
+        self.stride, self.dilation, self.groups = list(conv.stride), list(conv.dilation), conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv2d_same_upper(x, self.weight, self.bias, self.stride, self.dilation, self.groups)
+
+
+def fuse_same_padding(network: nn.Module) -> int:
+    """Replace every timm ``Conv2dSame`` in ``network`` (in place) by ``SameUpperConv``; returns how many.
+    Dilated ones stay as they are: ONNX Runtime refuses auto_pad with dilation."""
+    from timm.layers.conv2d_same import Conv2dSame
+
+    targets = [(name, m) for name, m in network.named_modules()
+               if isinstance(m, Conv2dSame) and all(d == 1 for d in m.dilation)]
+    for name, conv in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(network.get_submodule(parent_name) if parent_name else network, child, SameUpperConv(conv))
+    return len(targets)
+
+
+def trace_onnx(src: SourceModel, path: Path, opset: int, same_upper: bool = True) -> None:
+    """The uint8 pipeline as an fp32 ONNX graph with dynamic batch, height and width. With
+    ``same_upper`` (the default), timm's dynamic "same" padding becomes ``Conv(auto_pad=SAME_UPPER)``."""
+    network = src.network
+    if same_upper:
+        network = copy.deepcopy(network)
+        if fuse_same_padding(network):
+            _register_onnx_symbolics()
+    pipeline = UInt8Pipeline(network, src.mean, src.std).eval()
     example = torch.zeros(2, src.input_size, src.input_size, 3, dtype=torch.uint8)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
@@ -333,7 +399,7 @@ def weights_key(src: SourceModel, cfg: ExportConfig) -> str:
     from . import __version__
 
     h = hashlib.sha256(json.dumps([src.config, src.mean, src.std, src.input_size, dataclasses.asdict(cfg),
-                                   __version__, torch.__version__]).encode())
+                                   __version__, GRAPH_REVISION, torch.__version__]).encode())
     for name, tensor in src.network.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())

@@ -86,7 +86,7 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
             size: int | None = None, batch_size: int = 32, workers: int | None = None, strict: bool = False,
             chunk_size: int = 1024, progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
             draft: bool = False, resume: bool = True, runtime: str = "auto",
-            prefetch: bool = True) -> ExtractResult:
+            prefetch: bool = True, precision: str = "auto") -> ExtractResult:
     """Embed every image of a folder / file list / list of paths with ``model``.
 
     Writes ``output`` (``.h5`` DISC2021 layout or ``.npy`` + ids) when given, and the failures CSV
@@ -96,7 +96,8 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
 
     ``runtime``: ``auto`` runs a PyTorch model file on the CPU through ONNX Runtime (same
     descriptors to fp32 rounding, faster; see ``rdcd.export.choose_runtime``), ``torch`` keeps
-    PyTorch, ``onnxruntime`` converts any PyTorch model.
+    PyTorch, ``onnxruntime`` converts any PyTorch model. ``precision``: ``auto`` runs a shipped
+    model's int8 file on a CPU, ``fp32`` its fp32 weights, ``int8`` insists (see ``prepare_model``).
 
     ``workers``: decoding processes (default: none on <= 2 cores, where a process competes with the
     model's threads). Without workers, ``prefetch`` decodes the next batch in a thread while the model
@@ -104,7 +105,7 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
     """
     du.init_distributed()
     torch.set_num_threads(du.cpu_threads_per_process())
-    model, how = prepare_model(model, runtime)
+    model, how = prepare_model(model, runtime, precision)
     if progress and du.is_main():
         print(f"rdcd: {how}", file=sys.stderr)
     size = int(size or model.input_size)
@@ -240,12 +241,43 @@ def prefetched(iterable, depth: int = 1):
         thread.join()  # returns within one item: the producer checks ``stop`` every 0.1 s while blocked
 
 
-def prepare_model(model: str | os.PathLike | DescriptorModel, runtime: str = "auto") -> tuple[DescriptorModel, str]:
-    """Load ``model`` once and pick how it runs (``rdcd.export.choose_runtime``); returns it and a line
-    saying how. Callers embedding several sets (``rdcd.match``) call this once and pass the result."""
+PRECISIONS = ("auto", "fp32", "int8")
+
+
+def prepare_model(model: str | os.PathLike | DescriptorModel, runtime: str = "auto",
+                  precision: str = "auto") -> tuple[DescriptorModel, str]:
+    """Load ``model`` once and pick how it runs; returns it and a line saying how. Callers embedding
+    several sets (``rdcd.match``) call this once and pass the result.
+
+    A shipped model (name or weights path) with an int8 file runs that file in ONNX Runtime when
+    ``precision`` is ``auto`` (or ``int8``), ``runtime`` allows ONNX Runtime and no GPU would run
+    PyTorch: the fastest path measured on CPU (docs/bench_inference.md), descriptors within cosine
+    ~0.99 of fp32 and devbench uAP within a point (model cards). Otherwise
+    ``rdcd.export.choose_runtime`` (fp32: ONNX Runtime for PyTorch files on a CPU)."""
     from .export import choose_runtime
     from .models import model_file
+    from .models.shipped import card_for, int8_file
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    card = None if isinstance(model, DescriptorModel) else card_for(model)
+    if precision != "fp32" and (card is not None or precision == "int8"):
+        int8, why_not = int8_file(card)
+        if precision == "int8" and int8 is None:
+            raise ValueError(f"{model}: precision int8 needs a shipped model with an int8 file ({why_not}); "
+                             "for other models make one with `rdcd export --precision int8 --calibration DIR` "
+                             "and pass that file as the model")
+        if precision == "int8" and runtime == "torch":
+            raise ValueError("precision int8 runs in ONNX Runtime only; drop --runtime torch")
+        cpu = du.default_device().type == "cpu"
+        if int8 is not None and runtime != "torch" and (cpu or precision == "int8"):
+            from .models.teachers import OnnxModel
+
+            fast = OnnxModel(int8, input_size=card.get("input_size"), threads=du.cpu_threads_per_process())
+            return fast, (f"{card['name']} runs with ONNX Runtime int8 (shipped file {int8}; "
+                          "--precision fp32 for the fp32 weights)")
+        if int8 is None and card is not None and card.get("int8"):
+            print(f"rdcd: warning: {card['name']}: {why_not}; using fp32", file=sys.stderr)
     if not isinstance(model, DescriptorModel) and model_file(model) is not None:
         model = model_file(model)  # a shipped student: its file, which may run in ONNX Runtime
     from_file = not isinstance(model, DescriptorModel) and Path(model).is_file()

@@ -115,6 +115,7 @@ def match(
     workers: int | None = None,
     threads: int | None = None,
     threshold: float | str | None = None,
+    precision: str = "auto",
 ) -> Predictions:
     """Candidate copy pairs between ``queries`` and ``references``, best first within each query (kNN mode)
     or over all queries (``global_n``).
@@ -132,6 +133,8 @@ def match(
     precision-0.9 threshold, with or without score normalisation; shipped models only). The pairs
     scoring at least the threshold are the copies (``copies(predictions, config)``); with ``output``
     they are also written to ``*.copies.csv``. All candidate pairs stay in the predictions.
+    ``precision``: how a model embeds image sets, as ``rdcd.extract.prepare_model`` (``auto``: a
+    shipped model's int8 file on a CPU).
     """
     if (score_norm or whiten_dim) and background is None:
         raise ValueError(
@@ -159,7 +162,7 @@ def match(
         from rdcd.extract import prepare_model
 
         # load once (every image set must be embedded by the same weights), keeping extract's runtime choice
-        model, how = prepare_model(model)
+        model, how = prepare_model(model, precision=precision)
         log.info("%s", how)
     load = dict(model=model, keep_descriptors_dir=keep_descriptors_dir, batch_size=batch_size, workers=workers)
     query_ids, query_vectors = load_set(queries, name="queries", **load)

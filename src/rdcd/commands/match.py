@@ -43,6 +43,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: by core count)")
     p.add_argument("--threads", type=int, default=None, help="FAISS search threads (default: all cores)")
+    p.add_argument("--precision", choices=["auto", "fp32", "int8"], default="auto",
+                   help="how the model embeds image sets: auto (default) runs a shipped model's int8 ONNX file on a "
+                        "CPU, fp32 its fp32 weights (as rdcd extract)")
     p.set_defaults(func=run)
 
 
@@ -61,6 +64,7 @@ def run(args) -> int:
         whiten_dim=args.whiten, global_n=args.global_n, output=args.output, keep_descriptors_dir=args.keep_descriptors,
         beta=args.beta, ranks=tuple(args.ranks), nprobe=args.nprobe, ef_search=args.ef_search,
         batch_size=args.batch_size, workers=args.workers, threads=args.threads, threshold=args.threshold,
+        precision=args.precision,
     )
     print(f"rdcd: {len(predictions)} candidate pairs -> {args.output}", file=sys.stderr)
     # match() resolved beta and the threshold (given, or from the model card) once and recorded them

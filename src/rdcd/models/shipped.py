@@ -2,7 +2,10 @@
 
 Each shipped model is three files in ``rdcd/weights/``: ``NAME.pt`` (an rdcd student file),
 ``NAME.json`` (machine-readable card: dimension, input size, calibrated thresholds, whether it is
-the default) and ``NAME.md`` (the model card for people: data, command, steps, results). Every
+the default) and ``NAME.md`` (the model card for people: data, command, steps, results); and,
+where the card has an ``int8`` entry, ``NAME.int8.onnx``: the same model quantised to int8 for
+ONNX Runtime (``rdcd export --precision int8``, calibrated on training images), which ``rdcd
+extract`` runs by default on a CPU (``int8_file``). Every
 ``NAME.json`` found is registered under ``NAME``; the one marked ``"default": true`` is also
 registered as ``rdcd-default``, the model ``rdcd extract`` / ``match`` / ``export`` use without
 ``--model``.
@@ -82,6 +85,32 @@ def card_for(model) -> dict | None:
         if entry.card is not None and Path(entry.card["path"]).resolve() == resolved:
             return entry.card
     return None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def int8_file(card: dict | None) -> tuple[Path | None, str]:
+    """The shipped int8 ONNX file of a model card, and why not when there is none: the card names
+    no int8 file, the file is missing, or it was made from other weights than the card's ``.pt``
+    (its ``weights_sha256`` differs: a re-shipped model whose int8 file was not rebuilt)."""
+    if not card or not card.get("int8"):
+        return None, "no int8 file ships with this model"
+    entry = card["int8"]
+    path = Path(card["path"]).parent / entry["file"]
+    if not path.is_file():
+        return None, f"its int8 file {path} is missing"
+    if entry.get("weights_sha256") != file_sha256(card["path"]):
+        return None, (f"its int8 file {path} was made from other weights than {card['path']} "
+                      "(rebuild it with scripts/ship_model.py)")
+    return path, ""
 
 
 def register_shipped(folder: str | os.PathLike = WEIGHTS_DIR, strict: bool = False) -> list[str]:

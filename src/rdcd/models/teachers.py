@@ -34,7 +34,7 @@ def cpu_threads() -> int:
 
 class OnnxModel(DescriptorModel):
     def __init__(self, path: str | os.PathLike, name: str | None = None, input_size: int | None = None,
-                 threads: int | None = None, providers: list[str] | None = None):
+                 threads: int | None = None, providers: list[str] | None = None, spinning: bool | None = None):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -42,6 +42,8 @@ class OnnxModel(DescriptorModel):
         opts.intra_op_num_threads = threads or cpu_threads()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        if spinning is not None:  # idle ONNX Runtime threads busy-wait by default, taking CPU from other threads
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                          if p in ort.get_available_providers()]
