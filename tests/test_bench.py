@@ -67,6 +67,9 @@ def test_one_row_per_model_with_the_documented_keys(results, bench_dir):
         json.dumps(result, allow_nan=False)  # the CLI writes it as JSON
     assert (results[0]["dim"], results[0]["bytes_per_image"]) == (64, 8)  # pHash: 64 bits
     assert (results[1]["dim"], results[1]["bytes_per_image"]) == (32, 128)  # float32
+    # how each model ran, as rdcd extract says it (an untrained spec stays in PyTorch)
+    assert results[0]["runtime"] == "phash runs with PHashModel"
+    assert results[1]["runtime"] == f"{TINY_STUDENT} runs with PyTorch"
 
 
 def test_models_without_a_card_use_sscds_beta(results):
@@ -87,7 +90,7 @@ def test_a_shipped_model_is_also_scored_with_its_cards_beta(bench_dir, tmp_path,
     [result] = run_bench(bench_dir, ["rdcd-tiny-32"], progress=False)
     assert result["beta_own"] == 0.25
     bench = BenchmarkFolder.read(bench_dir)
-    sets = embed_benchmark(_load_seeded("rdcd-tiny-32"), bench)
+    sets = embed_benchmark(_load_seeded("rdcd-tiny-32")[0], bench)
     expected = {beta: evaluate(benchmark_predictions(sets, 10, True, beta=beta), bench.ground_truth)["uAP"]
                 for beta in (0.25, 1.0)}
     assert expected[0.25] != pytest.approx(expected[1.0])  # so the two columns tell the betas apart
@@ -200,6 +203,7 @@ def test_markdown_names_command_machine_date_and_counts(results):
     rows = [line for line in text.splitlines() if line.startswith("| phash |") or line.startswith(f"| {TINY_STUDENT} |")]
     assert len(rows) == 2 and rows[0].split("|")[5].strip() == f"{results[0]['uAP']:.3f}"
     assert "| crop |" in text or "| small_crop |" in text  # the per-edit table
+    assert f"- {TINY_STUDENT}: {TINY_STUDENT} runs with PyTorch" in text  # how each model ran
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -216,6 +220,9 @@ def test_cli_prints_the_table_and_writes_json_and_markdown(bench_dir, tmp_path, 
     saved = json.loads(out.read_text())
     assert [r["model"] for r in saved] == ["phash"] and saved[0]["n_gt"] == 20
     assert f"--benchmark {bench_dir} --models phash --size 64" in md.read_text()
+    assert main(["bench", "--benchmark", str(bench_dir), "--models", "phash", "--size", "64", "--precision", "fp32",
+                 "--exact-decode", "--markdown", str(md)]) == 0
+    assert "--precision fp32 --exact-decode" in md.read_text()  # the command that reproduces the run
 
 
 @pytest.mark.slow

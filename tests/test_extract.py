@@ -253,3 +253,38 @@ def test_cli_says_how_it_decodes(image_folder, tmp_path, tiny_student_file, caps
     err = capsys.readouterr().err
     assert "decoding in this process" in err and "thread" not in err
     np.testing.assert_array_equal(read_descriptors(tmp_path / "a.h5")[1], read_descriptors(tmp_path / "b.h5")[1])
+
+
+def test_draft_decoding_is_the_default_and_exact_decode_turns_it_off(tmp_path, tiny_model, tiny_student_file,
+                                                                      monkeypatch, capsys):
+    """JPEG draft mode (the decoder downscales) is on by default; --exact-decode / draft=False
+    decodes every pixel; a run interrupted in one mode restarts, not resumes, in the other."""
+    import rdcd.extract as ex
+    from rdcd.cli import main
+
+    folder = tmp_path / "large"
+    folder.mkdir()
+    for i in range(4):  # >= 2x the input size, so the decoder can downscale
+        picture(i, (400, 300)).save(folder / f"p{i}.jpg", quality=92)
+    seen = []
+    real = ex.load_image_array
+
+    def spy(path, size, max_pixels, draft=False):
+        seen.append(draft)
+        return real(path, size, max_pixels, draft)
+
+    monkeypatch.setattr(ex, "load_image_array", spy)
+    fast = extract(tiny_model, folder, size=64, progress=False)
+    assert seen and all(seen)
+    seen.clear()
+    exact = extract(tiny_model, folder, size=64, progress=False, draft=False)
+    assert seen and not any(seen)
+    assert fast.ids == exact.ids and not np.array_equal(fast.vectors, exact.vectors)  # other pixels
+
+    args = ["extract", "--model", str(tiny_student_file), "--images", str(folder), "--workers", "0", "--size", "64"]
+    assert main(args + ["--output", str(tmp_path / "a.npy")]) == 0
+    assert "JPEG draft mode" in capsys.readouterr().err
+    assert main(args + ["--output", str(tmp_path / "b.npy"), "--exact-decode"]) == 0
+    assert "every pixel decoded" in capsys.readouterr().err
+
+    assert ex._run_key(tiny_model, 64, [folder], 1024, True) != ex._run_key(tiny_model, 64, [folder], 1024, False)

@@ -69,6 +69,7 @@ def test_every_shipped_model_has_its_int8_file_made_from_its_weights():
         # (128-d), 0.987/0.978 (256-d); on held-out real images (the card, ship_model.py) 0.993-0.996
         assert cos.mean() >= 0.98 and cos.min() >= 0.95, (card["name"], cos.mean(), cos.min())
         assert q["cosine_to_fp32"]["mean"] >= 0.99
+        assert q["thresholds"]["raw"]["threshold"] is not None  # its own --threshold auto
         for bench in ("validation", "devbench"):
             fp32_uap = card[bench]["raw"]["uAP"]
             assert abs(q[bench]["raw"]["uAP"] - fp32_uap) <= 0.01, (card["name"], bench)
@@ -86,9 +87,15 @@ def test_extract_runs_a_shipped_models_int8_file_on_cpu_unless_told(tmp_path, ti
     export(folder / "rdcd-tiny-32.pt", folder / "rdcd-tiny-32.int8.onnx")
     card_path = folder / "rdcd-tiny-32.json"
     card = json.loads(card_path.read_text())
-    card["int8"] = {"file": "rdcd-tiny-32.int8.onnx", "weights_sha256": file_sha256(folder / "rdcd-tiny-32.pt")}
+    card["int8"] = {"file": "rdcd-tiny-32.int8.onnx", "weights_sha256": file_sha256(folder / "rdcd-tiny-32.pt"),
+                    "thresholds": {"raw": {"threshold": 0.75, "precision": 0.9, "benchmark": "valbench"}}}
     card_path.write_text(json.dumps(card))
     register_shipped(folder)
+    from rdcd.cli import main
+
+    assert main(["models"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("rdcd-tiny-32 "))
+    assert "[int8 file on CPU: rdcd-tiny-32.int8.onnx]" in line
 
     model, how = prepare_model("rdcd-default")
     assert type(model).__name__ == "OnnxModel" and model.path == folder / "rdcd-tiny-32.int8.onnx"
@@ -106,6 +113,16 @@ def test_extract_runs_a_shipped_models_int8_file_on_cpu_unless_told(tmp_path, ti
 
     result = extract("rdcd-tiny-32", image_folder, output=tmp_path / "d.npy", size=64)
     assert "int8" in capsys.readouterr().err and len(result.ids) == 12
+
+    # --threshold auto: the int8 file's own calibrated threshold where it embeds the images
+    match(image_folder, image_folder, model="rdcd-tiny-32", k=2, threshold="auto", output=tmp_path / "m.csv")
+    used = json.loads((tmp_path / "m.config.json").read_text())
+    assert used["threshold"] == 0.75 and "int8 file" in used["threshold_source"]
+    match(image_folder, image_folder, model="rdcd-tiny-32", k=2, threshold="auto", output=tmp_path / "m.csv",
+          precision="fp32")
+    used = json.loads((tmp_path / "m.config.json").read_text())
+    assert used["threshold"] == 0.5 and "int8" not in used["threshold_source"]
+    assert resolve_threshold("auto", "rdcd-tiny-32", True, None, int8=True)[0] == 0.1  # none for score-norm: fp32's
 
     # re-shipped weights without a rebuilt int8 file: warned, and the fp32 weights run
     card["int8"]["weights_sha256"] = "0" * 64

@@ -145,6 +145,8 @@ def run_bench(
     batch_size: int = 32,
     report_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    precision: str = "auto",
+    draft: bool = True,
 ) -> list[dict]:
     """Evaluate each model on the benchmark folder; one dict per model, in the order given.
 
@@ -154,7 +156,8 @@ def run_bench(
     ``recall_at_10``, the same with score normalisation (``uAP_sn``, ``recall_at_p90_sn``...),
     ``beta_own`` and ``uAP_sn_own`` (the model's own score-normalisation beta, ``match.resolve_beta``),
     ``n_queries``, ``n_gt``, ``n_failures`` and ``uAP_by_edit`` ({op: {n_positives, uAP, uAP_sn}},
-    None without edits.csv). ``report_dir``: also one HTML report per model (kNN predictions
+    None without edits.csv), ``runtime`` (how the model ran: ``rdcd.extract.prepare_model``, which
+    ``precision`` is passed to; ``draft``: JPEG draft decoding, as ``rdcd extract``). ``report_dir``: also one HTML report per model (kNN predictions
     without score normalisation). Untrained students get their random layers from torch seed 0, so
     a run gives the same numbers every time (timings aside).
     """
@@ -165,21 +168,22 @@ def run_bench(
     if repeated:
         raise ValueError(f"model {repeated[0]!r} is listed twice; list each model once")
     bench = BenchmarkFolder.read(benchmark_dir)
-    return [_bench_one(model, bench, k, size, batch_size, report_dir, progress) for model in models]
+    return [_bench_one(model, bench, k, size, batch_size, report_dir, progress, precision, draft) for model in models]
 
 
 def _bench_one(spec, bench: BenchmarkFolder, k: int, size: int | None, batch_size: int,
-               report_dir, progress: bool) -> dict:
-    model = _load_seeded(spec)
+               report_dir, progress: bool, precision: str = "auto", draft: bool = True) -> dict:
+    model, how = _load_seeded(spec, precision)
     label = spec if isinstance(spec, (str, os.PathLike)) else model.name
     log.info("bench: %s", label)
-    sets = embed_benchmark(model, bench, size=size, batch_size=batch_size, progress=progress)
+    sets = embed_benchmark(model, bench, size=size, batch_size=batch_size, progress=progress, draft=draft)
     timed = (sets["queries"], sets["references"])
     n_timed = sum(len(s.ids) + len(s.failures) for s in timed)
     seconds = sum(s.seconds for s in timed)
 
     result = {
         "model": str(label),
+        "runtime": how,
         "dim": int(model.dim),
         "bytes_per_image": bytes_per_image(model),
         "input_size": int(size or model.input_size),
@@ -220,11 +224,11 @@ def _bench_one(spec, bench: BenchmarkFolder, k: int, size: int | None, batch_siz
 
 
 def embed_benchmark(model, bench: BenchmarkFolder, size: int | None = None, batch_size: int = 32,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, draft: bool = True) -> dict:
     """``{"queries", "references", "train"}`` -> ExtractResult of ``model`` on a benchmark folder."""
     from rdcd.extract import extract
 
-    return {name: extract(model, paths, size=size, batch_size=batch_size, progress=progress)
+    return {name: extract(model, paths, size=size, batch_size=batch_size, progress=progress, draft=draft)
             for name, paths in (("queries", bench.queries), ("references", bench.references), ("train", bench.train))}
 
 
@@ -238,7 +242,7 @@ def benchmark_predictions(sets: dict, k: int, score_norm: bool, beta: float = SC
                  beta=beta, ranks=SCORE_NORM_RANKS)
 
 
-def _load_seeded(spec) -> DescriptorModel:
+def _load_seeded(spec, precision: str = "auto") -> tuple[DescriptorModel, str]:
     """Load once (an untrained student must embed every set with the same weights), with torch's RNG
     seeded, so that the random layers of an untrained student, and its numbers, are the same in every
     run; the caller's RNG state is left as it was."""
@@ -248,9 +252,9 @@ def _load_seeded(spec) -> DescriptorModel:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model, how = prepare_model(spec)  # the runtime rdcd extract would use (ONNX Runtime for student files)
+        model, how = prepare_model(spec, precision=precision)  # the runtime rdcd extract would use
         log.info("bench: %s", how)
-        return model
+        return model, how
 
 
 def safe_filename(name: str) -> str:
@@ -329,6 +333,9 @@ def format_markdown(results: Sequence[dict], command: str, machine: str, date: s
         "card calibrated on its validation benchmark (what `rdcd match --score-norm` uses for it; 1 for "
         "every other model), uAP_sn_own: uAP_sn with it.",
     ]
+    runtimes = [f"- {r['model']}: {r['runtime']}" for r in results if r.get("runtime")]
+    if runtimes:
+        parts += ["", "How each model ran (as `rdcd extract` would run it):", "", *runtimes]
     if note:
         parts += ["", note]
     edit_table = format_edit_table(results)

@@ -74,9 +74,10 @@ def _chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
 
 
-def _run_key(model: DescriptorModel, size: int, paths: Sequence[Path], chunk_size: int) -> str:
+def _run_key(model: DescriptorModel, size: int, paths: Sequence[Path], chunk_size: int, draft: bool = True) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([type(model).__name__, model.name, model.dim, size, chunk_size]).encode())
+    h.update(json.dumps([type(model).__name__, model.name, model.dim, size, chunk_size]
+                        + ([] if draft else ["exact-decode"])).encode())
     for p in paths:
         h.update(str(p).encode() + b"\0")
     return h.hexdigest()[:16]
@@ -85,7 +86,7 @@ def _run_key(model: DescriptorModel, size: int, paths: Sequence[Path], chunk_siz
 def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os.PathLike | None = None,
             size: int | None = None, batch_size: int = 32, workers: int | None = None, strict: bool = False,
             chunk_size: int = 1024, progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-            draft: bool = False, resume: bool = True, runtime: str = "auto",
+            draft: bool = True, resume: bool = True, runtime: str = "auto",
             prefetch: bool = True, precision: str = "auto") -> ExtractResult:
     """Embed every image of a folder / file list / list of paths with ``model``.
 
@@ -98,6 +99,10 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
     descriptors to fp32 rounding, faster; see ``rdcd.export.choose_runtime``), ``torch`` keeps
     PyTorch, ``onnxruntime`` converts any PyTorch model. ``precision``: ``auto`` runs a shipped
     model's int8 file on a CPU, ``fp32`` its fp32 weights, ``int8`` insists (see ``prepare_model``).
+
+    ``draft`` (default on): the JPEG decoder downscales by 1/2, 1/4 or 1/8 while decoding where the
+    image keeps both sides >= ``size`` (``open_image``); 3x faster decoding of camera-sized JPEGs,
+    same devbench uAP (docs/bench_inference.md); ``False`` decodes every pixel first.
 
     ``workers``: decoding processes (default: none on <= 2 cores, where a process competes with the
     model's threads). Without workers, ``prefetch`` decodes the next batch in a thread while the model
@@ -116,7 +121,7 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
 
     output = Path(output) if output else None
     partial = output.with_name(output.name + ".partial") if output else None
-    key = _run_key(model, size, paths, chunk_size)
+    key = _run_key(model, size, paths, chunk_size, draft)
     if partial is not None and du.is_main():
         _prepare_partial(partial, key, resume)
     du.barrier()
@@ -144,6 +149,8 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
     if progress and du.is_main() and batches:
         how = (f"in {workers} worker process(es)" if workers else "in this process"
                + (", the next batch in a thread while this one is embedded" if prefetch else ""))
+        how += ("; JPEG draft mode (the decoder downscales large JPEGs; --exact-decode to decode every pixel)"
+                if draft else "; every pixel decoded (--exact-decode)")
         print(f"rdcd: decoding {how}", file=sys.stderr)
     pending: dict[int, list] = {c: [[], [], []] for c in todo}
     chunk_of = {i: c for c in todo for i in range(*chunks[c])}
@@ -244,6 +251,33 @@ def prefetched(iterable, depth: int = 1):
 PRECISIONS = ("auto", "fp32", "int8")
 
 
+def shipped_int8(model, runtime: str = "auto", precision: str = "auto", warn: bool = False) -> Path | None:
+    """The shipped int8 file ``prepare_model`` runs for ``model`` with these settings, else None
+    (not a shipped model, no valid int8 file, ``precision`` fp32, ``runtime`` torch, or a GPU with
+    ``precision`` auto). Raises for ``precision="int8"`` where there is no such file."""
+    from .models.shipped import card_for, int8_file
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    card = None if isinstance(model, DescriptorModel) else card_for(model)
+    if precision == "fp32" or (card is None and precision == "auto"):
+        return None
+    path, why_not = int8_file(card)
+    if precision == "int8" and path is None:
+        raise ValueError(f"{model}: precision int8 needs a shipped model with an int8 file ({why_not}); "
+                         "for other models make one with `rdcd export --precision int8 --calibration DIR` "
+                         "and pass that file as the model")
+    if precision == "int8" and runtime == "torch":
+        raise ValueError("precision int8 runs in ONNX Runtime only; drop --runtime torch")
+    if path is None:
+        if warn and card.get("int8"):
+            print(f"rdcd: warning: {card['name']}: {why_not}; using fp32", file=sys.stderr)
+        return None
+    if runtime == "torch" or (precision == "auto" and du.default_device().type != "cpu"):
+        return None
+    return path
+
+
 def prepare_model(model: str | os.PathLike | DescriptorModel, runtime: str = "auto",
                   precision: str = "auto") -> tuple[DescriptorModel, str]:
     """Load ``model`` once and pick how it runs; returns it and a line saying how. Callers embedding
@@ -256,28 +290,16 @@ def prepare_model(model: str | os.PathLike | DescriptorModel, runtime: str = "au
     ``rdcd.export.choose_runtime`` (fp32: ONNX Runtime for PyTorch files on a CPU)."""
     from .export import choose_runtime
     from .models import model_file
-    from .models.shipped import card_for, int8_file
+    from .models.shipped import card_for
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    card = None if isinstance(model, DescriptorModel) else card_for(model)
-    if precision != "fp32" and (card is not None or precision == "int8"):
-        int8, why_not = int8_file(card)
-        if precision == "int8" and int8 is None:
-            raise ValueError(f"{model}: precision int8 needs a shipped model with an int8 file ({why_not}); "
-                             "for other models make one with `rdcd export --precision int8 --calibration DIR` "
-                             "and pass that file as the model")
-        if precision == "int8" and runtime == "torch":
-            raise ValueError("precision int8 runs in ONNX Runtime only; drop --runtime torch")
-        cpu = du.default_device().type == "cpu"
-        if int8 is not None and runtime != "torch" and (cpu or precision == "int8"):
-            from .models.teachers import OnnxModel
+    int8 = shipped_int8(model, runtime, precision, warn=True)
+    if int8 is not None:
+        from .models.teachers import OnnxModel
 
-            fast = OnnxModel(int8, input_size=card.get("input_size"), threads=du.cpu_threads_per_process())
-            return fast, (f"{card['name']} runs with ONNX Runtime int8 (shipped file {int8}; "
-                          "--precision fp32 for the fp32 weights)")
-        if int8 is None and card is not None and card.get("int8"):
-            print(f"rdcd: warning: {card['name']}: {why_not}; using fp32", file=sys.stderr)
+        card = card_for(model)
+        fast = OnnxModel(int8, input_size=card.get("input_size"), threads=du.cpu_threads_per_process())
+        return fast, (f"{card['name']} runs with ONNX Runtime int8 (shipped file {int8}; "
+                      "--precision fp32 for the fp32 weights)")
     if not isinstance(model, DescriptorModel) and model_file(model) is not None:
         model = model_file(model)  # a shipped student: its file, which may run in ONNX Runtime
     from_file = not isinstance(model, DescriptorModel) and Path(model).is_file()

@@ -58,6 +58,7 @@ def load_set(
     keep_descriptors_dir: str | os.PathLike | None = None,
     batch_size: int = 32,
     workers: int | None = None,
+    draft: bool = True,
 ) -> tuple[list[str], np.ndarray]:
     """(ids, vectors) of one image set: read from descriptor files, or extracted from images with ``model``."""
     if _in_memory(source):
@@ -73,7 +74,7 @@ def load_set(
     from rdcd.extract import extract
 
     output = Path(keep_descriptors_dir) / f"{name}.h5" if keep_descriptors_dir else None
-    result = extract(model, source, output=output, batch_size=batch_size, workers=workers)
+    result = extract(model, source, output=output, batch_size=batch_size, workers=workers, draft=draft)
     if result.failures:
         log.warning("%s: %d image(s) could not be read and are left out", name, len(result.failures))
     return list(result.ids), result.vectors
@@ -116,6 +117,7 @@ def match(
     threads: int | None = None,
     threshold: float | str | None = None,
     precision: str = "auto",
+    draft: bool = True,
 ) -> Predictions:
     """Candidate copy pairs between ``queries`` and ``references``, best first within each query (kNN mode)
     or over all queries (``global_n``).
@@ -134,7 +136,7 @@ def match(
     scoring at least the threshold are the copies (``copies(predictions, config)``); with ``output``
     they are also written to ``*.copies.csv``. All candidate pairs stay in the predictions.
     ``precision``: how a model embeds image sets, as ``rdcd.extract.prepare_model`` (``auto``: a
-    shipped model's int8 file on a CPU).
+    shipped model's int8 file on a CPU); ``draft``: JPEG draft decoding (as ``rdcd.extract.extract``).
     """
     if (score_norm or whiten_dim) and background is None:
         raise ValueError(
@@ -151,8 +153,12 @@ def match(
     )
     if threshold is not None:
         check_auto_inputs(threshold, queries, references)
+        # auto: the int8 file's own thresholds where that file embeds the sets (auto needs images)
+        from rdcd.extract import shipped_int8
+
+        int8 = model is not None and not hasattr(model, "embed") and shipped_int8(model, precision=precision) is not None
         config.threshold, config.threshold_source = resolve_threshold(threshold, model, score_norm, whiten_dim,
-                                                                      beta, tuple(ranks))
+                                                                      beta, tuple(ranks), int8)
     if embeds:
         config.model = getattr(model, "name", str(model))
     set_threads(threads)
@@ -164,7 +170,8 @@ def match(
         # load once (every image set must be embedded by the same weights), keeping extract's runtime choice
         model, how = prepare_model(model, precision=precision)
         log.info("%s", how)
-    load = dict(model=model, keep_descriptors_dir=keep_descriptors_dir, batch_size=batch_size, workers=workers)
+    load = dict(model=model, keep_descriptors_dir=keep_descriptors_dir, batch_size=batch_size, workers=workers,
+                draft=draft)
     query_ids, query_vectors = load_set(queries, name="queries", **load)
     reference_ids, reference_vectors = load_set(references, name="references", **load)
     if query_vectors.shape[1] != reference_vectors.shape[1]:
@@ -243,10 +250,12 @@ def check_auto_inputs(threshold, queries: ImageSet, references: ImageSet) -> Non
 
 
 def resolve_threshold(threshold: float | str, model, score_norm: bool, whiten_dim: int | None,
-                      beta: float = 1.0, ranks: tuple[int, int] = (0, 2)) -> tuple[float, str]:
+                      beta: float = 1.0, ranks: tuple[int, int] = (0, 2), int8: bool = False) -> tuple[float, str]:
     """(threshold, where it came from) for ``match(threshold=...)``: a number as given, or ``"auto"``:
     the threshold in the shipped model's card that reached precision 0.9 on its validation benchmark
-    (raw or score-normalised scores; the latter only with the card's beta and ranks)."""
+    (raw or score-normalised scores; the latter only with the card's beta and ranks). ``int8``: the
+    descriptors come from the model's shipped int8 file, whose own calibrated thresholds the card
+    holds too (cards without them: the fp32 ones)."""
     if not _is_auto(threshold):
         try:
             return float(threshold), "given"
@@ -264,6 +273,9 @@ def resolve_threshold(threshold: float | str, model, score_norm: bool, whiten_di
                          "a number instead of auto")
     key = "score_norm" if score_norm else "raw"
     entry = (card.get("thresholds") or {}).get(key)
+    which = ""
+    if int8 and ((card.get("int8") or {}).get("thresholds") or {}).get(key):
+        entry, which = card["int8"]["thresholds"][key], ", int8 file"
     if not entry or entry.get("threshold") is None:
         raise ValueError(f"{card['card_path']}: no calibrated {key} threshold; give a number instead of auto")
     if score_norm:
@@ -273,7 +285,7 @@ def resolve_threshold(threshold: float | str, model, score_norm: bool, whiten_di
                              f"{calibrated[0]} and ranks {calibrated[1]}, not {beta} and {tuple(ranks)}; give a number")
         log.warning("score-normalised scores also depend on the background set; the calibrated threshold assumed "
                     "one like the benchmark's train/ images, so check it on your data")
-    return float(entry["threshold"]), f"{card['card_path']} ({key}: precision {entry.get('precision', '?')} on " \
+    return float(entry["threshold"]), f"{card['card_path']} ({key}{which}: precision {entry.get('precision', '?')} on " \
         f"{entry.get('benchmark', 'its validation benchmark')})"
 
 

@@ -28,6 +28,10 @@ def register(subparsers) -> None:
     p.add_argument("--size", type=int, default=None, help="square input size in px for every model "
                                                           "(default: each model's own)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", choices=["auto", "fp32", "int8"], default="auto",
+                   help="as rdcd extract: auto (default) runs a shipped model's int8 file on a CPU; fp32 its fp32 weights")
+    p.add_argument("--exact-decode", action="store_true",
+                   help="decode every pixel (default: JPEG draft mode, as rdcd extract)")
     p.add_argument("--note", default=None, help="a line added under the Markdown table, e.g. about machine load")
     p.set_defaults(func=run)
 
@@ -37,9 +41,12 @@ def command_line(args) -> str:
     argv = ["rdcd", "bench", "--benchmark", args.benchmark, "--models", args.models]
     for flag, value, default in (("--k", args.k, 10), ("--size", args.size, None),
                                  ("--batch-size", args.batch_size, 32), ("--output", args.output, None),
-                                 ("--markdown", args.markdown, None), ("--report-dir", args.report_dir, None)):
+                                 ("--markdown", args.markdown, None), ("--report-dir", args.report_dir, None),
+                                 ("--precision", args.precision, "auto")):
         if value != default:
             argv += [flag, str(value)]
+    if args.exact_decode:
+        argv.append("--exact-decode")
     return shlex.join(argv)
 
 
@@ -52,7 +59,8 @@ def run(args) -> int:
     date = time.strftime("%Y-%m-%d")
     started = time.perf_counter()
     results = run_bench(args.benchmark, models, k=args.k, size=args.size, batch_size=args.batch_size,
-                        report_dir=args.report_dir, progress=sys.stderr.isatty())
+                        report_dir=args.report_dir, progress=sys.stderr.isatty(), precision=args.precision,
+                        draft=not args.exact_decode)
     print(format_table(results))
     print(counts_line(results))
     print(f"rdcd bench: {len(results)} model(s) in {time.perf_counter() - started:.0f} s on {machine}",

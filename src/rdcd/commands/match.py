@@ -46,6 +46,8 @@ def register(subparsers) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "int8"], default="auto",
                    help="how the model embeds image sets: auto (default) runs a shipped model's int8 ONNX file on a "
                         "CPU, fp32 its fp32 weights (as rdcd extract)")
+    p.add_argument("--exact-decode", action="store_true",
+                   help="decode every pixel of image sets (default: JPEG draft mode, as rdcd extract)")
     p.set_defaults(func=run)
 
 
@@ -64,7 +66,7 @@ def run(args) -> int:
         whiten_dim=args.whiten, global_n=args.global_n, output=args.output, keep_descriptors_dir=args.keep_descriptors,
         beta=args.beta, ranks=tuple(args.ranks), nprobe=args.nprobe, ef_search=args.ef_search,
         batch_size=args.batch_size, workers=args.workers, threads=args.threads, threshold=args.threshold,
-        precision=args.precision,
+        precision=args.precision, draft=not args.exact_decode,
     )
     print(f"rdcd: {len(predictions)} candidate pairs -> {args.output}", file=sys.stderr)
     # match() resolved beta and the threshold (given, or from the model card) once and recorded them
