@@ -29,7 +29,7 @@ from rdcd.machine import cpu_model
 from rdcd.export import export
 from rdcd.extract import extract
 from rdcd.images import list_images, load_image_array, open_image, resize_square
-from rdcd.models import load_model
+from rdcd.models import load_model, model_file
 from rdcd.models.shipped import card_for, int8_file
 from rdcd.models.student import OFFLINE_PRETRAINED, build_student, load_student, save_student
 from timm.layers.conv2d_same import Conv2dSame
@@ -166,7 +166,7 @@ def pipeline_rows(student_file: Path, paths, size: int, repeats: int, threads: i
     e2e_large_draft = end_to_end(onnx, large, size, repeats)
     rows.append(f"| end to end (ONNX fp32), ~1500 px JPEGs, every pixel decoded (--exact-decode) | "
                 f"{e2e_large:.1f} img/s | draft mode (the default): {e2e_large_draft:.1f} img/s |")
-    for small in sorted({min(sizes), size}):
+    for small in sorted({min(sizes or [size]), size}):
         exact = end_to_end(onnx, paths, small, repeats, draft=False)
         rows.append(f"| end to end (ONNX fp32) at {small} px, devbench files, every pixel decoded | {exact:.1f} img/s | "
                     f"draft mode (the default): {end_to_end(onnx, paths, small, repeats):.1f} img/s |")
@@ -195,7 +195,9 @@ def interleaved_targets(student: str, paths, sizes, rounds: int) -> list[str]:
             extract(model, paths[:32], size=size, progress=False)
         for _ in range(rounds):
             for m, model in models.items():
-                speed[m].append(end_to_end(model, paths, size, 1))
+                start = time.perf_counter()
+                extract(model, paths, size=size, batch_size=32, progress=False)
+                speed[m].append(len(paths) / (time.perf_counter() - start))
         sp = {m: np.asarray(v) for m, v in speed.items()}
         d, f, t, p = (sp["student (rdcd extract default)"], sp["student ONNX fp32"], sp["sscd"], sp["sscd-distilled"])
         cells = [f"{np.median(v):.1f} ({v.max():.1f})" for v in sp.values()]
@@ -208,8 +210,8 @@ def interleaved_targets(student: str, paths, sizes, rounds: int) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--student", action="append", default=None,
-                    help="rdcd student .pt file or student:BACKBONE:DIM spec (repeatable; default: an untrained "
-                         "student:tf_efficientnet_lite0:128)")
+                    help="rdcd student .pt file or student:BACKBONE:DIM spec (repeatable; default: the default "
+                         "shipped student's weights file)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[224, 288])
     ap.add_argument("--images", default=str(DEVBENCH / "queries"), help="JPEG folder for end-to-end timing")
     ap.add_argument("--calibration", default=str(DEVBENCH.parent / "train"),
@@ -223,7 +225,7 @@ def main(argv=None) -> int:
                     help="rounds of the interleaved end-to-end comparison (issue #7's targets; 0 skips it)")
     ap.add_argument("--targets-only", action="store_true", help="run only the interleaved comparison")
     args = ap.parse_args(argv)
-    students = args.student or ["student:tf_efficientnet_lite0:128"]
+    students = args.student or [str(model_file("rdcd-default"))]  # the default shipped student
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     paths = list_images(args.images)[:args.n_images]
@@ -242,6 +244,8 @@ def main(argv=None) -> int:
     gemm = gemm_gflops(args.threads)
     out.append(f"- measured fp32 GEMM (2048x2048 matmul, torch, {args.threads} threads): {gemm:.1f} GFLOP/s\n")
 
+    if args.targets_only and (args.no_teachers or not args.target_rounds):
+        ap.error("--targets-only compares with SSCD and sscd-distilled: drop --no-teachers, keep --target-rounds > 0")
     if args.target_rounds and not args.no_teachers:
         out += ["## Targets, interleaved (end to end, file on disk to descriptor)", ""]
         out += interleaved_targets(students[0], paths, args.sizes, args.target_rounds)

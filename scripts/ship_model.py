@@ -265,6 +265,8 @@ def main() -> None:
     previous_path = WEIGHTS_DIR / f"{args.name}.json"
     previous = json.loads(previous_path.read_text()) if args.reuse and previous_path.exists() else None
     net.config.name = args.name
+    if args.keep_weights and not (weights.exists() and previous_path.exists()):
+        sys.exit(f"--keep-weights: {weights} and {previous_path} must both exist (ship the model once without it)")
     if (previous or args.keep_weights) and weights.exists():  # the shipped weights stay as they are
         cos = json.loads(previous_path.read_text())["fp16_cosine_min"]
     else:

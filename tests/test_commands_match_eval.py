@@ -71,3 +71,26 @@ def test_match_then_eval(tmp_path, capsys):
     capsys.readouterr()
     run_cli("eval", "--predictions", out, "--ground-truth", tmp_path / "gt.csv")
     assert json.loads(capsys.readouterr().out)["acc_at_1"] >= 0.9
+
+
+def test_match_warns_when_the_sets_were_made_differently(tmp_path, caplog):
+    """Descriptor files written by rdcd extract say how they were made; mixing models, precisions
+    (an int8 file's name ends in -int8), input sizes or decodings makes scores incomparable."""
+    from rdcd.descriptors import descriptor_info
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(6, 8)).astype(np.float32)
+    made = {"rdcd.model": "rdcd-x-128-int8", "rdcd.input_size": "160", "rdcd.decode": "draft"}
+    write_descriptors(tmp_path / "q.h5", [f"Q{i}" for i in range(6)], vectors, info=made)
+    write_descriptors(tmp_path / "r.h5", [f"R{i}" for i in range(6)], vectors, info=made)
+    write_descriptors(tmp_path / "r32.h5", [f"R{i}" for i in range(6)], vectors, info=dict(made, **{"rdcd.model": "rdcd-x-128"}))
+    write_descriptors(tmp_path / "plain.h5", [f"R{i}" for i in range(6)], vectors)  # another tool's file
+    assert descriptor_info(tmp_path / "q.h5") == made and descriptor_info(tmp_path / "plain.h5") == {}
+    with caplog.at_level("WARNING"):
+        match_fn(tmp_path / "q.h5", tmp_path / "r.h5", k=2)
+        match_fn(tmp_path / "q.h5", tmp_path / "plain.h5", k=2)
+    assert not [r for r in caplog.records if "not comparable" in r.getMessage()]
+    with caplog.at_level("WARNING"):
+        match_fn(tmp_path / "q.h5", tmp_path / "r32.h5", k=2)
+    message = next(r.getMessage() for r in caplog.records if "not comparable" in r.getMessage())
+    assert "rdcd.model: queries rdcd-x-128-int8, references rdcd-x-128" in message

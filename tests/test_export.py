@@ -279,3 +279,15 @@ def test_int8_of_the_shipped_student_is_within_issue_parity(tmp_path):
     got, want = load_model(path).embed(images), load_model("rdcd-default").embed(images)
     assert cosines(got, want).mean() >= 0.99
     assert np.mean((got @ want.T).argmax(axis=1) == np.arange(len(images))) >= 0.95
+
+
+def test_export_cache_key_follows_the_graph_settings(student_file, monkeypatch):
+    """Cached ONNX exports are rebuilt when the graph rdcd would export changes."""
+    import rdcd.export as ex
+
+    src = ex.source_model(student_file)
+    base = ex.weights_key(src, ex.ExportConfig())
+    assert ex.weights_key(src, ex.ExportConfig()) == base
+    assert ex.weights_key(src, ex.ExportConfig(same_upper=False)) != base
+    monkeypatch.setattr(ex, "GRAPH_REVISION", ex.GRAPH_REVISION + 1)
+    assert ex.weights_key(src, ex.ExportConfig()) != base

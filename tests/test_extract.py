@@ -274,10 +274,10 @@ def test_draft_decoding_is_the_default_and_exact_decode_turns_it_off(tmp_path, t
         return real(path, size, max_pixels, draft)
 
     monkeypatch.setattr(ex, "load_image_array", spy)
-    fast = extract(tiny_model, folder, size=64, progress=False)
+    fast = extract(tiny_model, folder, size=64, progress=False, workers=0)  # decoded here, where the spy is
     assert seen and all(seen)
     seen.clear()
-    exact = extract(tiny_model, folder, size=64, progress=False, draft=False)
+    exact = extract(tiny_model, folder, size=64, progress=False, draft=False, workers=0)
     assert seen and not any(seen)
     assert fast.ids == exact.ids and not np.array_equal(fast.vectors, exact.vectors)  # other pixels
 
@@ -286,5 +286,25 @@ def test_draft_decoding_is_the_default_and_exact_decode_turns_it_off(tmp_path, t
     assert "JPEG draft mode" in capsys.readouterr().err
     assert main(args + ["--output", str(tmp_path / "b.npy"), "--exact-decode"]) == 0
     assert "every pixel decoded" in capsys.readouterr().err
+    assert main(args + ["--output", str(tmp_path / "c.npy"), "--fast-decode"]) == 0  # the old flag still runs
+    assert "JPEG draft mode" in capsys.readouterr().err
 
-    assert ex._run_key(tiny_model, 64, [folder], 1024, True) != ex._run_key(tiny_model, 64, [folder], 1024, False)
+
+def test_a_run_interrupted_in_one_decoding_mode_restarts_in_the_other(image_folder, tmp_path, tiny_model):
+    out = tmp_path / "d.h5"
+    with pytest.raises(KeyboardInterrupt):  # chunk 0 (4 images) finished with every pixel decoded
+        extract(CountingModel(tiny_model, 3), image_folder, output=out, chunk_size=4, batch_size=2, progress=False,
+                draft=False)
+    counting = CountingModel(tiny_model)
+    extract(counting, image_folder, output=out, chunk_size=4, batch_size=2, progress=False)  # draft: the default
+    assert counting.images == 12, "chunks decoded the other way must not be reused"
+
+
+def test_descriptor_files_say_how_they_were_made(image_folder, tmp_path, tiny_model):
+    from rdcd.descriptors import descriptor_info
+
+    extract(tiny_model, image_folder, output=tmp_path / "d.h5", size=64, progress=False, draft=False)
+    assert descriptor_info(tmp_path / "d.h5") == {"rdcd.model": tiny_model.name, "rdcd.input_size": "64",
+                                                  "rdcd.decode": "exact"}
+    ids, vectors = read_descriptors(tmp_path / "d.h5")  # still a plain DISC2021 file
+    assert len(ids) == 12 and vectors.shape[0] == 12

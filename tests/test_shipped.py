@@ -76,12 +76,15 @@ def test_every_shipped_model_has_its_int8_file_made_from_its_weights():
 
 
 def test_extract_runs_a_shipped_models_int8_file_on_cpu_unless_told(tmp_path, tiny_student_file, image_folder,
-                                                                     registry, capsys):
+                                                                     registry, capsys, monkeypatch):
     """The choice itself, on a tiny shipped model whose "int8" file is its fp32 ONNX export (the choice
     does not look inside the file; real int8 files: the test above)."""
+    import rdcd.distributed as du
     from rdcd.export import export
     from rdcd.extract import extract, prepare_model
     from rdcd.models.shipped import file_sha256
+
+    monkeypatch.setattr(du, "default_device", lambda: __import__("torch").device("cpu"))  # as on a CPU-only machine
 
     folder = write_card(tmp_path / "weights", tiny_student_file)
     export(folder / "rdcd-tiny-32.pt", folder / "rdcd-tiny-32.int8.onnx")
@@ -99,15 +102,17 @@ def test_extract_runs_a_shipped_models_int8_file_on_cpu_unless_told(tmp_path, ti
 
     model, how = prepare_model("rdcd-default")
     assert type(model).__name__ == "OnnxModel" and model.path == folder / "rdcd-tiny-32.int8.onnx"
-    assert "runs with ONNX Runtime int8" in how
+    assert "runs with ONNX Runtime int8 on the CPU (shipped file rdcd-tiny-32.int8.onnx" in how
+    assert model.session.get_providers() == ["CPUExecutionProvider"]
     assert prepare_model(folder / "rdcd-tiny-32.pt")[0].path == model.path  # by weights path too
     model, how = prepare_model("rdcd-tiny-32", precision="fp32")
     assert "int8" not in how and "fp32" in how
     assert "PyTorch" in prepare_model("rdcd-tiny-32", runtime="torch")[1]
     with pytest.raises(ValueError, match="ONNX Runtime only"):
         prepare_model("rdcd-tiny-32", runtime="torch", precision="int8")
-    with pytest.raises(ValueError, match="needs a shipped model with an int8 file"):
-        prepare_model(tiny_student_file, precision="int8")
+    capsys.readouterr()
+    assert "int8" not in prepare_model(tiny_student_file, precision="int8")[1]  # not a shipped student:
+    assert "is not one and runs as it is" in capsys.readouterr().err          # runs as it is, with a note
     with pytest.raises(ValueError, match="unknown precision"):
         prepare_model("rdcd-tiny-32", precision="int4")
 
@@ -118,6 +123,7 @@ def test_extract_runs_a_shipped_models_int8_file_on_cpu_unless_told(tmp_path, ti
     match(image_folder, image_folder, model="rdcd-tiny-32", k=2, threshold="auto", output=tmp_path / "m.csv")
     used = json.loads((tmp_path / "m.config.json").read_text())
     assert used["threshold"] == 0.75 and "int8 file" in used["threshold_source"]
+    assert "ONNX Runtime int8" in used["runtime"] and used["draft"] is True
     match(image_folder, image_folder, model="rdcd-tiny-32", k=2, threshold="auto", output=tmp_path / "m.csv",
           precision="fp32")
     used = json.loads((tmp_path / "m.config.json").read_text())
@@ -131,6 +137,8 @@ def test_extract_runs_a_shipped_models_int8_file_on_cpu_unless_told(tmp_path, ti
     model, how = prepare_model("rdcd-tiny-32")
     assert "int8" not in how
     assert "made from other weights" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--precision int8, but its int8 file .* other weights"):
+        prepare_model("rdcd-tiny-32", precision="int8")
 
 
 def test_register_shipped_adds_names_and_the_default_alias(tmp_path, tiny_student_file, registry):

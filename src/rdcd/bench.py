@@ -156,9 +156,9 @@ def run_bench(
     ``recall_at_10``, the same with score normalisation (``uAP_sn``, ``recall_at_p90_sn``...),
     ``beta_own`` and ``uAP_sn_own`` (the model's own score-normalisation beta, ``match.resolve_beta``),
     ``n_queries``, ``n_gt``, ``n_failures`` and ``uAP_by_edit`` ({op: {n_positives, uAP, uAP_sn}},
-    None without edits.csv), ``runtime`` (how the model ran: ``rdcd.extract.prepare_model``, which
-    ``precision`` is passed to; ``draft``: JPEG draft decoding, as ``rdcd extract``). ``report_dir``: also one HTML report per model (kNN predictions
-    without score normalisation). Untrained students get their random layers from torch seed 0, so
+    None without edits.csv) and ``runtime`` (how the model ran: ``rdcd.extract.prepare_model``, which
+    ``precision`` is passed to). ``draft``: JPEG draft decoding, as ``rdcd extract``. ``report_dir``:
+    also one HTML report per model (kNN predictions without score normalisation). Untrained students get their random layers from torch seed 0, so
     a run gives the same numbers every time (timings aside).
     """
     if not models:

@@ -60,8 +60,11 @@ def _check_ascii(ids: Sequence[str]) -> None:
             raise ValueError(f"image id {i!r} is not ASCII; the DISC2021 HDF5 format stores ASCII ids") from None
 
 
-def write_descriptors(path: str | os.PathLike, ids: Sequence[str], vectors: np.ndarray) -> Path:
-    """Write descriptors atomically; the format follows the suffix (``.h5``/``.hdf5`` or ``.npy``)."""
+def write_descriptors(path: str | os.PathLike, ids: Sequence[str], vectors: np.ndarray,
+                      info: dict[str, str] | None = None) -> Path:
+    """Write descriptors atomically; the format follows the suffix (``.h5``/``.hdf5`` or ``.npy``).
+    ``info`` (HDF5 only): string attributes of the file saying how it was made, e.g. ``rdcd.model``
+    (the DISC2021 readers ignore attributes; ``descriptor_info`` reads them back)."""
     path = Path(path)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     ids = [str(i) for i in ids]
@@ -75,6 +78,8 @@ def write_descriptors(path: str | os.PathLike, ids: Sequence[str], vectors: np.n
                 f.create_dataset("vectors", data=vectors)
                 width = max([len(i) for i in ids] + [1])
                 f.create_dataset("image_names", data=np.array(ids, dtype=f"S{width}"))
+                for key, value in (info or {}).items():
+                    f.attrs[key] = str(value)
     elif suffix == ".npy":
         with atomic_path(path, ".npy") as tmp:
             with open(tmp, "wb") as fh:
@@ -85,6 +90,20 @@ def write_descriptors(path: str | os.PathLike, ids: Sequence[str], vectors: np.n
     else:
         raise ValueError(f"{path}: unknown descriptor format {suffix!r}; use .h5 (DISC2021) or .npy")
     return path
+
+
+def descriptor_info(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> dict[str, str]:
+    """The ``rdcd.*`` attributes of a descriptor file (the first of several shards): how it was made,
+    as ``rdcd extract`` records it. Empty for ``.npy`` files and files written by other tools."""
+    first = Path(paths if isinstance(paths, (str, os.PathLike)) else next(iter(paths)))
+    if first.suffix.lower() not in (".h5", ".hdf5") or not first.exists():
+        return {}
+    try:
+        with h5py.File(first, "r") as f:
+            return {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in f.attrs.items()
+                    if k.startswith("rdcd.")}
+    except OSError:
+        return {}
 
 
 def ids_sidecar(npy_path: str | os.PathLike) -> Path:

@@ -446,7 +446,7 @@ def choose_runtime(model: DescriptorModel, runtime: str = "auto", from_file: boo
     if runtime == "torch" or not is_torch or (runtime == "auto" and not (on_cpu and from_file)):
         how = "PyTorch" if is_torch else type(model).__name__
         if getattr(model, "path", None) is not None and type(model).__name__ == "OnnxModel":
-            how = f"ONNX Runtime ({model.path})"
+            how = f"ONNX Runtime ({model.path.name})"
         return model, f"{model.name} runs with {how}"
     try:
         fast = onnx_runtime_model(model, threads=threads)

@@ -76,8 +76,8 @@ def _chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
 
 def _run_key(model: DescriptorModel, size: int, paths: Sequence[Path], chunk_size: int, draft: bool = True) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([type(model).__name__, model.name, model.dim, size, chunk_size]
-                        + ([] if draft else ["exact-decode"])).encode())
+    h.update(json.dumps([type(model).__name__, model.name, model.dim, size, chunk_size,
+                         "draft-decode" if draft else "exact-decode"]).encode())
     for p in paths:
         h.update(str(p).encode() + b"\0")
     return h.hexdigest()[:16]
@@ -189,7 +189,7 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
         result.failures = [(str(paths[i]), r) for c in order for i, r in merged[c][2]]
         if output is not None:
             if result.ids:
-                write_descriptors(output, result.ids, result.vectors)
+                write_descriptors(output, result.ids, result.vectors, info=descriptor_info_of(model, size, draft))
             _write_failures(output, result.failures)
             shutil.rmtree(partial, ignore_errors=True)
         if result.failures:
@@ -202,6 +202,12 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
         raise RuntimeError(f"{n_bad} file(s) could not be embedded and strict mode is on "
                            f"(the {n_ok} good descriptors were written)")
     return result
+
+
+def descriptor_info_of(model: DescriptorModel, size: int, draft: bool) -> dict[str, str]:
+    """What a descriptor file records about how it was made (``rdcd.descriptors.descriptor_info``);
+    ``rdcd match`` warns when the sets it compares differ in any of these."""
+    return {"rdcd.model": model.name, "rdcd.input_size": str(size), "rdcd.decode": "draft" if draft else "exact"}
 
 
 class _Failed:
@@ -254,19 +260,26 @@ PRECISIONS = ("auto", "fp32", "int8")
 def shipped_int8(model, runtime: str = "auto", precision: str = "auto", warn: bool = False) -> Path | None:
     """The shipped int8 file ``prepare_model`` runs for ``model`` with these settings, else None
     (not a shipped model, no valid int8 file, ``precision`` fp32, ``runtime`` torch, or a GPU with
-    ``precision`` auto). Raises for ``precision="int8"`` where there is no such file."""
+    ``precision`` auto). ``precision`` chooses between a shipped student's fp32 weights and its int8
+    file; any other model runs as it is (with ``warn``, a note says so when ``precision`` is not
+    auto). Raises for ``precision="int8"`` on a shipped model without a valid int8 file."""
     from .models.shipped import card_for, int8_file
 
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     card = None if isinstance(model, DescriptorModel) else card_for(model)
-    if precision == "fp32" or (card is None and precision == "auto"):
+    if card is None:
+        if warn and precision != "auto":
+            name = getattr(model, "name", model)
+            print(f"rdcd: note: --precision {precision} chooses between a shipped student's fp32 weights and its "
+                  f"int8 file; {name} is not one and runs as it is (int8 of another model: rdcd export "
+                  "--precision int8, then --model FILE)", file=sys.stderr)
+        return None
+    if precision == "fp32":
         return None
     path, why_not = int8_file(card)
     if precision == "int8" and path is None:
-        raise ValueError(f"{model}: precision int8 needs a shipped model with an int8 file ({why_not}); "
-                         "for other models make one with `rdcd export --precision int8 --calibration DIR` "
-                         "and pass that file as the model")
+        raise ValueError(f"{model}: --precision int8, but {why_not}")
     if precision == "int8" and runtime == "torch":
         raise ValueError("precision int8 runs in ONNX Runtime only; drop --runtime torch")
     if path is None:
@@ -297,8 +310,10 @@ def prepare_model(model: str | os.PathLike | DescriptorModel, runtime: str = "au
         from .models.teachers import OnnxModel
 
         card = card_for(model)
-        fast = OnnxModel(int8, input_size=card.get("input_size"), threads=du.cpu_threads_per_process())
-        return fast, (f"{card['name']} runs with ONNX Runtime int8 (shipped file {int8}; "
+        # on the CPU whatever else is installed: an int8 QDQ graph is a CPU format here
+        fast = OnnxModel(int8, input_size=card.get("input_size"), threads=du.cpu_threads_per_process(),
+                         providers=["CPUExecutionProvider"])
+        return fast, (f"{card['name']} runs with ONNX Runtime int8 on the CPU (shipped file {int8.name}; "
                       "--precision fp32 for the fp32 weights)")
     if not isinstance(model, DescriptorModel) and model_file(model) is not None:
         model = model_file(model)  # a shipped student: its file, which may run in ONNX Runtime

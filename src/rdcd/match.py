@@ -15,7 +15,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from rdcd.descriptors import atomic_path, read_descriptors
+from rdcd.descriptors import atomic_path, descriptor_info, read_descriptors
 from rdcd.metrics import Predictions, write_predictions
 from rdcd.postprocess import PCAWhitening, ScoreNormalizer
 from rdcd.search import Index, best_pairs, knn_pairs, set_threads
@@ -43,6 +43,8 @@ class MatchConfig:
     ranks: tuple[int, int] = (0, 2)
     whiten_dim: int | None = None
     model: str | None = None
+    runtime: str | None = None  # how the model embedded the image sets (rdcd.extract.prepare_model), if it did
+    draft: bool | None = None  # JPEG draft decoding of the image sets, if the model embedded any
     threshold: float | None = None  # pairs scoring at least this are marked as copies
     threshold_source: str | None = None  # "given", or the model card it was read from (threshold="auto")
 
@@ -169,11 +171,15 @@ def match(
 
         # load once (every image set must be embedded by the same weights), keeping extract's runtime choice
         model, how = prepare_model(model, precision=precision)
+        config.runtime, config.draft = how, draft
         log.info("%s", how)
     load = dict(model=model, keep_descriptors_dir=keep_descriptors_dir, batch_size=batch_size, workers=workers,
                 draft=draft)
     query_ids, query_vectors = load_set(queries, name="queries", **load)
     reference_ids, reference_vectors = load_set(references, name="references", **load)
+    check_same_origin({name: _set_info(source, model, draft) for name, source in
+                       (("queries", queries), ("references", references), ("background", background))
+                       if source is not None})
     if query_vectors.shape[1] != reference_vectors.shape[1]:
         raise ValueError(
             f"query descriptors have dimension {query_vectors.shape[1]} but references {reference_vectors.shape[1]}; "
@@ -239,6 +245,36 @@ def resolve_beta(beta: float | None, model=None) -> tuple[float, str]:
 
 def _is_auto(threshold) -> bool:
     return isinstance(threshold, str) and threshold.strip().lower() == "auto"
+
+
+def _set_info(source, model, draft: bool) -> dict[str, str]:
+    """How an image set's descriptors are made here, or were made (a descriptor file's attributes)."""
+    if _in_memory(source):
+        return {}
+    if is_image_source(source):
+        from rdcd.extract import descriptor_info_of
+
+        return descriptor_info_of(model, model.input_size, draft) if hasattr(model, "embed") else {}
+    return descriptor_info(source)
+
+
+ORIGIN_KEYS = ("rdcd.model", "rdcd.input_size", "rdcd.decode")
+
+
+def check_same_origin(infos: dict[str, dict[str, str]]) -> list[str]:
+    """Warn (and return the messages) where the sets' descriptors were made differently: another
+    model or precision (``-int8`` names), input size or JPEG decoding. Their scores would then not be
+    comparable. Sets that say nothing (``.npy``, other tools, in memory) are not checked."""
+    problems = []
+    for key in ORIGIN_KEYS:
+        seen = {name: info[key] for name, info in infos.items() if key in info}
+        if len(set(seen.values())) > 1:
+            problems.append(f"the sets' descriptors differ in {key}: "
+                            + ", ".join(f"{name} {value}" for name, value in seen.items())
+                            + "; scores between them are not comparable: make them all with one model and settings")
+    for message in problems:
+        log.warning("%s", message)
+    return problems
 
 
 def check_auto_inputs(threshold, queries: ImageSet, references: ImageSet) -> None:

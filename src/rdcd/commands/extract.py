@@ -31,8 +31,9 @@ def register(subparsers) -> None:
                    help="auto (default): a PyTorch model file on the CPU runs through ONNX Runtime, exported once "
                         "and cached (same descriptors, faster); torch: keep PyTorch")
     p.add_argument("--precision", choices=["auto", "fp32", "int8"], default="auto",
-                   help="auto (default): a shipped model runs its int8 ONNX file on a CPU (fastest; devbench uAP "
-                        "within a point of fp32, see its model card), fp32 otherwise; fp32: always the fp32 weights")
+                   help="for shipped students: auto (default) runs the int8 ONNX file shipped beside the weights on a "
+                        "CPU (fastest; uAP within half a point of fp32, see the model card), fp32 the fp32 weights, "
+                        "int8 the int8 file even where a GPU would run fp32; other models run as they are")
     p.set_defaults(func=run)
 
 

@@ -19,8 +19,13 @@ def run(args) -> int:
         beta = (thresholds.get("score_norm") or {}).get("beta")
         if beta is not None:
             auto += f" [--score-norm beta {beta:g}]"
-        if entry.card.get("int8"):
-            auto += f" [int8 file on CPU: {entry.card['int8']['file']}]"
+        from ..models.shipped import int8_file
+
+        int8, why_not = int8_file(entry.card)
+        if int8 is not None:
+            auto += f" [int8 file on CPU: {int8.name}]"
+        elif entry.card.get("int8"):
+            auto += f" [int8 file unusable: {why_not}]"
         return f"{entry.description}{auto} (card: {entry.card['card_path']})"
 
     rows = [(name, "?" if e.dim is None else str(e.dim), describe(e)) for name, e in sorted(list_models().items())]

@@ -39,6 +39,8 @@ def read_card(path: str | os.PathLike) -> dict:
     weights = path.parent / card["file"]
     if not weights.is_file():
         raise CardError(f"{path}: weights file {weights} is missing")
+    if card.get("int8") is not None and not (isinstance(card["int8"], dict) and card["int8"].get("file")):
+        raise CardError(f"{path}: its int8 entry must name a file ({card['int8']!r})")
     card = dict(card)
     card["path"] = str(weights)
     card["card_path"] = str(path)
