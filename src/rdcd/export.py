@@ -200,8 +200,8 @@ def conv2d_same_upper(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     ``auto_pad="SAME_UPPER"``: the same padding rule, applied inside ONNX Runtime's convolution
     kernel. Traced as timm writes it, it becomes shape arithmetic + a ``Pad`` of the whole activation
     + a ``Conv``; at 288 px that ``Pad``, the layout changes around it and (int8) the
-    dequantise/quantise pairs it needs took 22 % (fp32) and 48 % (int8) of the shipped student's
-    time (ONNX Runtime profile, docs/bench_inference.md)."""
+    dequantise/quantise pairs it needs took 29 % (fp32) and 42 % (int8) of the shipped student's
+    time (scripts/profile_onnx.py, docs/export.md)."""
     from timm.layers.conv2d_same import conv2d_same
 
     return conv2d_same(x, weight, bias, tuple(stride), (0, 0), tuple(dilation), groups)
@@ -444,9 +444,10 @@ def choose_runtime(model: DescriptorModel, runtime: str = "auto", from_file: boo
     if runtime == "onnxruntime" and not is_torch:
         raise ValueError(f"{model.name} is a {type(model).__name__}, not a PyTorch model: nothing to convert")
     if runtime == "torch" or not is_torch or (runtime == "auto" and not (on_cpu and from_file)):
-        how = "PyTorch" if is_torch else type(model).__name__
-        if getattr(model, "path", None) is not None and type(model).__name__ == "OnnxModel":
-            how = f"ONNX Runtime ({model.path.name})"
+        from .models.teachers import OnnxModel
+
+        how = ("PyTorch" if is_torch else f"ONNX Runtime ({model.path.name})" if isinstance(model, OnnxModel)
+               else type(model).__name__)
         return model, f"{model.name} runs with {how}"
     try:
         fast = onnx_runtime_model(model, threads=threads)

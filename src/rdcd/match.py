@@ -155,10 +155,10 @@ def match(
     )
     if threshold is not None:
         check_auto_inputs(threshold, queries, references)
-        # auto: the int8 file's own thresholds where that file embeds the sets (auto needs images)
+        # auto (which needs images): the int8 file's own thresholds where that file embeds the sets
         from rdcd.extract import shipped_int8
 
-        int8 = model is not None and not hasattr(model, "embed") and shipped_int8(model, precision=precision) is not None
+        int8 = _is_auto(threshold) and embeds and shipped_int8(model, precision=precision) is not None
         config.threshold, config.threshold_source = resolve_threshold(threshold, model, score_norm, whiten_dim,
                                                                       beta, tuple(ranks), int8)
     if embeds:

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from .common import add_embedding_arguments
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -28,14 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--size", type=int, default=None, help="square input size in px for every model "
                                                           "(default: each model's own)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--precision", choices=["auto", "fp32", "int8"], default="auto",
-                   help="as rdcd extract: "
-                        "for shipped students: auto (default) runs the int8 ONNX file shipped beside the weights on a "
-                        "CPU (fastest; uAP within half a point of fp32, see the model card), fp32 the fp32 weights, "
-                        "int8 the int8 file even where a GPU would run fp32; other models run as they are")
-    p.add_argument("--exact-decode", action="store_true",
-                   help="decode every pixel (default: JPEG draft mode, as rdcd extract)")
     p.add_argument("--note", default=None, help="a line added under the Markdown table, e.g. about machine load")
+    add_embedding_arguments(p)
     p.set_defaults(func=run)
 
 

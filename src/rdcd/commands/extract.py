@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_model_argument
+from .common import add_embedding_arguments, add_model_argument
 
 
 def register(subparsers) -> None:
@@ -20,9 +20,6 @@ def register(subparsers) -> None:
     p.add_argument("--chunk-size", type=int, default=1024, help="images per resumable chunk")
     p.add_argument("--strict", action="store_true", help="exit 1 if any file could not be embedded")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if a partial run exists")
-    p.add_argument("--exact-decode", action="store_true",
-                   help="decode every pixel, then resize (default: the JPEG decoder downscales images at least "
-                        "twice the input size while decoding: ~3x faster for camera-sized JPEGs, same devbench uAP)")
     p.add_argument("--fast-decode", action="store_true", help=argparse.SUPPRESS)  # now the default; accepted so old scripts run
     p.add_argument("--no-prefetch", action="store_true",
                    help="without --workers, decode each batch only after the previous one is embedded "
@@ -30,10 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime"], default="auto",
                    help="auto (default): a PyTorch model file on the CPU runs through ONNX Runtime, exported once "
                         "and cached (same descriptors, faster); torch: keep PyTorch")
-    p.add_argument("--precision", choices=["auto", "fp32", "int8"], default="auto",
-                   help="for shipped students: auto (default) runs the int8 ONNX file shipped beside the weights on a "
-                        "CPU (fastest; uAP within half a point of fp32, see the model card), fp32 the fp32 weights, "
-                        "int8 the int8 file even where a GPU would run fp32; other models run as they are")
+    add_embedding_arguments(p)
     p.set_defaults(func=run)
 
 

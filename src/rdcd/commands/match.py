@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_model_argument
+from .common import add_embedding_arguments, add_model_argument
 
 
 def register(subparsers) -> None:
@@ -43,13 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: by core count)")
     p.add_argument("--threads", type=int, default=None, help="FAISS search threads (default: all cores)")
-    p.add_argument("--precision", choices=["auto", "fp32", "int8"], default="auto",
-                   help="as rdcd extract, for image sets: "
-                        "for shipped students: auto (default) runs the int8 ONNX file shipped beside the weights on a "
-                        "CPU (fastest; uAP within half a point of fp32, see the model card), fp32 the fp32 weights, "
-                        "int8 the int8 file even where a GPU would run fp32; other models run as they are")
-    p.add_argument("--exact-decode", action="store_true",
-                   help="decode every pixel of image sets (default: JPEG draft mode, as rdcd extract)")
+    add_embedding_arguments(p, ' of image sets')
     p.set_defaults(func=run)
 
 

@@ -12,6 +12,7 @@ registered as ``rdcd-default``, the model ``rdcd extract`` / ``match`` / ``expor
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -90,6 +91,14 @@ def card_for(model) -> dict | None:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read once per (path, size, modification time) in this process:
+    ``int8_file`` checks the shipped weights every time a command picks a runtime."""
+    stat = os.stat(path)
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     import hashlib
 
     h = hashlib.sha256()
