@@ -56,6 +56,40 @@ class RandomBatches(CalibrationDataReader):
         return next(self.batches, None)
 
 
+def int8_session(net: nn.Module, path: Path) -> ort.InferenceSession:
+    """Export ``net`` (SAME_UPPER convolutions) to ``path``, quantise it (QDQ, every layer, random
+    calibration) and open it with 2 threads."""
+    fuse_same_padding(net)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(2, 3, 160, 160),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}})
+    quant_pre_process(str(path), str(path.with_suffix(".pre.onnx")), skip_symbolic_shape=True)
+    quantize_static(str(path.with_suffix(".pre.onnx")), str(path.with_suffix(".int8.onnx")), RandomBatches(),
+                    quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path.with_suffix(".int8.onnx")), opts, providers=["CPUExecutionProvider"])
+
+
+def interleaved(sessions: dict, sizes=(160, 288), rounds: int = 5) -> dict:
+    """Median images/s of each session at batch 32, ``rounds`` rounds, every session once per round."""
+    result = {}
+    for size in sizes:
+        x = np.random.rand(32, 3, size, size).astype(np.float32)
+        speed = {e: [] for e in sessions}
+        for session in sessions.values():
+            session.run(None, {"x": x})
+        for _ in range(rounds):
+            for e, session in sessions.items():
+                start = time.perf_counter()
+                session.run(None, {"x": x})
+                speed[e].append(32 / (time.perf_counter() - start))
+        result[size] = {e: float(np.median(v)) for e, v in speed.items()}
+    return result
+
+
 def main() -> None:
     torch.set_num_threads(2)
     _register_onnx_symbolics()
@@ -66,33 +100,11 @@ def main() -> None:
             counter = FlopCounterMode(display=False)
             with counter, torch.no_grad():
                 net(torch.zeros(1, 3, 288, 288))
-            fuse_same_padding(net)
-            path = Path(tmp) / f"e{expansion}.onnx"
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(net, (torch.zeros(2, 3, 160, 160),), str(path), dynamo=False, opset_version=17,
-                                  input_names=["x"], dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}})
-            quant_pre_process(str(path), str(path.with_suffix(".pre.onnx")), skip_symbolic_shape=True)
-            quantize_static(str(path.with_suffix(".pre.onnx")), str(path.with_suffix(".int8.onnx")), RandomBatches(),
-                            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = 2
-            sessions[expansion] = ort.InferenceSession(str(path.with_suffix(".int8.onnx")), opts,
-                                                       providers=["CPUExecutionProvider"])
+            sessions[expansion] = int8_session(net, Path(tmp) / f"e{expansion}.onnx")
             print(f"{label(expansion)}: {counter.get_total_flops() / 1e9:.2f} GFLOPs per image at 288 px", flush=True)
-        for size in (160, 288):
-            x = np.random.rand(32, 3, size, size).astype(np.float32)
-            speed = {e: [] for e in sessions}
-            for session in sessions.values():
-                session.run(None, {"x": x})
-            for _ in range(5):
-                for e, session in sessions.items():
-                    start = time.perf_counter()
-                    session.run(None, {"x": x})
-                    speed[e].append(32 / (time.perf_counter() - start))
+        for size, speed in interleaved(sessions).items():
             print(f"{size} px, int8 batch 32, images/s: "
-                  + ", ".join(f"{label(e)} {np.median(v):.1f}" for e, v in speed.items()), flush=True)
+                  + ", ".join(f"{label(e)} {v:.1f}" for e, v in speed.items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -173,22 +173,31 @@ def pipeline_rows(student_file: Path, paths, size: int, repeats: int, threads: i
     return rows
 
 
-def interleaved_targets(student: str, paths, sizes, rounds: int) -> list[str]:
+def interleaved_targets(students: list[str], paths, sizes, rounds: int) -> list[str]:
     """Issue #7's end-to-end ratios, robust to this machine's drift: every round runs each model once
-    (rdcd extract's default path for the student, its ONNX fp32 path, SSCD, sscd-distilled) on the
-    same files, so a slow spell hits all of them; the ratio is the median of the per-round ratios."""
+    (rdcd extract's default path for each student, the first one's ONNX fp32 path, SSCD,
+    sscd-distilled) on the same files, so a slow spell hits all of them; the ratio is the median of
+    the per-round ratios."""
     from rdcd.export import onnx_runtime_model
     from rdcd.extract import prepare_model
 
-    default, how = prepare_model(student)
-    models = {"student (rdcd extract default)": default,
-              "student ONNX fp32": onnx_runtime_model(load_model(student)),
-              "sscd": load_model("sscd"), "sscd-distilled": load_model("sscd-distilled")}
-    rows = [f"Student: `{student}`; rdcd extract's default path: {how}. {rounds} rounds, each model once per "
+    models, defaults, notes = {}, [], []
+    for i, student in enumerate(students):
+        default, how = prepare_model(student)
+        label = "student (rdcd extract default)" if i == 0 else f"{default.name} (rdcd extract default)"
+        models[label] = default
+        defaults.append(label)
+        notes.append(f"`{student}`: {how}")
+        if i == 0:
+            models["student ONNX fp32"] = onnx_runtime_model(load_model(student))
+    models.update({"sscd": load_model("sscd"), "sscd-distilled": load_model("sscd-distilled")})
+    ratio_heads = [f"{'default' if i == 0 else models[d].name} / {ref}" for i, d in enumerate(defaults)
+                   for ref in ("SSCD", "sscd-distilled")]
+    rows = [f"Students, rdcd extract's default path: {'; '.join(notes)}. {rounds} rounds, each model once per "
             f"round on the same {len(paths)} files (after one warm-up run each); images/s median (best); ratio = "
             "median over rounds of the ratio within the round.", "",
-            "| size | " + " | ".join(f"{m} img/s" for m in models) + " | default / SSCD | default / sscd-distilled "
-            "| fp32 / SSCD |", "|---" * (len(models) + 4) + "|"]
+            "| size | " + " | ".join(f"{m} img/s" for m in models) + " | " + " | ".join(ratio_heads)
+            + " | fp32 / SSCD |", "|---" * (len(models) + len(ratio_heads) + 2) + "|"]
     for size in sizes:
         speed = {m: [] for m in models}
         for model in models.values():  # warm-up
@@ -199,10 +208,10 @@ def interleaved_targets(student: str, paths, sizes, rounds: int) -> list[str]:
                 extract(model, paths, size=size, batch_size=32, progress=False)
                 speed[m].append(len(paths) / (time.perf_counter() - start))
         sp = {m: np.asarray(v) for m, v in speed.items()}
-        d, f, t, p = (sp["student (rdcd extract default)"], sp["student ONNX fp32"], sp["sscd"], sp["sscd-distilled"])
+        t, p = sp["sscd"], sp["sscd-distilled"]
         cells = [f"{np.median(v):.1f} ({v.max():.1f})" for v in sp.values()]
-        rows.append(f"| {size} | " + " | ".join(cells) + f" | {np.median(d / t):.2f}x | {np.median(d / p):.2f}x | "
-                    f"{np.median(f / t):.2f}x |")
+        ratios = [f"{np.median(sp[d] / ref):.2f}x" for d in defaults for ref in (t, p)]
+        rows.append(f"| {size} | " + " | ".join(cells + ratios) + f" | {np.median(sp['student ONNX fp32'] / t):.2f}x |")
         print(rows[-1], file=sys.stderr, flush=True)
     return rows
 
@@ -210,7 +219,8 @@ def interleaved_targets(student: str, paths, sizes, rounds: int) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--student", action="append", default=None,
-                    help="rdcd student .pt file or student:BACKBONE:DIM spec (repeatable; default: the default "
+                    help="rdcd student .pt file, shipped model name or student:BACKBONE:DIM spec (repeatable: "
+                         "the interleaved targets then time each one's default path too; default: the default "
                          "shipped student's weights file)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[224, 288])
     ap.add_argument("--images", default=str(DEVBENCH / "queries"), help="JPEG folder for end-to-end timing")
@@ -248,7 +258,7 @@ def main(argv=None) -> int:
         ap.error("--targets-only compares with SSCD and sscd-distilled: drop --no-teachers, keep --target-rounds > 0")
     if args.target_rounds and not args.no_teachers:
         out += ["## Targets, interleaved (end to end, file on disk to descriptor)", ""]
-        out += interleaved_targets(students[0], paths, args.sizes, args.target_rounds)
+        out += interleaved_targets(students, paths, args.sizes, args.target_rounds)
         out.append("")
     if not args.targets_only:
         with tempfile.TemporaryDirectory(prefix="rdcd-bench-") as tmp:

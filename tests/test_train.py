@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -609,3 +610,92 @@ def test_checkpoints_from_before_the_head_groups_still_resume():
     saved = {k: v for k, v in record.items() if k not in ("bn", "head_lr", "head_init", "head_init_images")}
     assert config_differences(saved, record) == []
     assert config_differences(saved, {**record, "bn": "frozen"}) == ["bn: 'batch' in the checkpoint, 'frozen' now"]
+
+
+# ------------------------------------------------------------------------------------------ --init, --drop-blocks
+
+
+def test_dropping_residual_blocks_is_the_identity_in_their_place():
+    """A student without blocks 2.2 and 5.1 computes what the full one computes with those blocks
+    skipped; names refer to the full architecture, and only blocks with a skip connection go."""
+    import dataclasses
+
+    from rdcd.models.student import StudentNet, build_student, residual_block_names, transfer_weights
+
+    torch.manual_seed(0)
+    full = build_student("mobilenetv3_large_100", dim=16, kd_dim=24, input_size=48).eval()
+    assert "2.2" in residual_block_names(full.backbone) and "0.0" in residual_block_names(full.backbone)
+    small = StudentNet(dataclasses.replace(full.config, drop_blocks=("2.2", "5.1"))).eval()
+    transfer_weights(full, small)
+    assert [len(s) for s in small.backbone.blocks] == [len(s) - (i in (2, 5)) for i, s in enumerate(full.backbone.blocks)]
+    assert small.block_names[2] == ["2.0", "2.1"] and small.block_names[5] == ["5.0", "5.2"]
+
+    def skipping(x):  # the full network, blocks 2.2 and 5.1 replaced by the identity
+        x = full.backbone.bn1(full.backbone.conv_stem(x))
+        for s, stage in enumerate(full.backbone.blocks):
+            for b, block in enumerate(stage):
+                x = x if f"{s}.{b}" in ("2.2", "5.1") else block(x)
+        return x  # MobileNetV3's forward_features ends with the blocks
+
+    x = torch.rand(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(small.backbone.forward_features(x), skipping(x), atol=1e-6)
+        assert not torch.allclose(full.backbone.forward_features(x), skipping(x), atol=1e-3)
+    # dropping further from an already shallower student: weights found by their original names
+    smaller = StudentNet(dataclasses.replace(full.config, drop_blocks=("2.2", "3.3", "5.1"))).eval()
+    transfer_weights(small, smaller)
+    assert torch.equal(smaller.backbone.blocks[5][1].conv_pw.weight, full.backbone.blocks[5][2].conv_pw.weight)
+    with pytest.raises(ValueError, match="no weights for block.*3.3"):
+        transfer_weights(smaller, small)
+    with pytest.raises(ValueError, match=r"cannot drop block\(s\) 1.0: only blocks with a skip connection"):
+        StudentNet(dataclasses.replace(full.config, drop_blocks=("1.0",)))
+
+
+def test_train_from_init_without_blocks_then_extract_and_resume(tmp_path, train_images):
+    """`rdcd train --init RUN/model.pt --drop-blocks ...`: the new student starts with the trained
+    weights (same output as the trained one with the blocks skipped), is saved with its architecture,
+    loads back through load_student and rdcd extract, and resumes."""
+    from rdcd.cli import main
+    from rdcd.models.student import StudentNet, load_student, transfer_weights
+    import dataclasses
+
+    teacher = tiny_onnx_teacher(tmp_path / "teacher.onnx")
+    first = tmp_path / "first"
+    assert main(tiny_args(train_images, first, teacher, "--steps", "2")) == 0
+    trained = load_student(first / "model.pt")
+    second = tmp_path / "second"
+    args = tiny_args(train_images, second, teacher, "--steps", "3", "--init", str(first / "model.pt"),
+                     "--drop-blocks", "2.2", "5.1", "--checkpoint-every", "2", "--stop-at", "2")
+    assert main(args) == 0
+    assert main(args[:-2] + ["--resume"]) == 0
+    config = json.loads((second / "config.json").read_text())["config"]
+    assert config["init"] == str(first / "model.pt") and config["drop_blocks"] == ["2.2", "5.1"]
+    shallow = load_student(second / "model.pt")
+    assert shallow.config.drop_blocks == ("2.2", "5.1")
+    assert sum(p.numel() for p in shallow.parameters()) < sum(p.numel() for p in trained.parameters())
+    # step 0 of that run: the trained weights without the two blocks (training then moved them)
+    start = StudentNet(dataclasses.replace(trained.config, drop_blocks=("2.2", "5.1"))).eval()
+    transfer_weights(trained, start)
+    assert not torch.equal(start.fc.weight, shallow.fc.weight)
+    assert torch.equal(start.backbone.blocks[5][1].conv_pw.weight, trained.backbone.blocks[5][2].conv_pw.weight)
+    assert main(["extract", "--model", str(second / "model.pt"), "--images", str(train_images),
+                 "--output", str(tmp_path / "d.npy")]) == 0
+    assert np.load(tmp_path / "d.npy").shape == (18, 16)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--drop-blocks", "2.2"], "give it with --init"),
+    (["--init", "{model}", "--drop-blocks", "1.0"], r"cannot drop block\(s\) 1.0"),
+    (["--init", "{model}", "--pretrained"], "--init and --pretrained"),
+    (["--init", "{model}", "--dim", "8"], r"dim 16 \(asked: 8\)"),
+    (["--init", "{missing}"], "neither a shipped model name nor a file"),
+])
+def test_train_init_errors_say_what_is_wrong(tmp_path, train_images, capsys, extra, message):
+    from rdcd.cli import main
+
+    teacher = tiny_onnx_teacher(tmp_path / "teacher.onnx")
+    first = tmp_path / "first"
+    assert main(tiny_args(train_images, first, teacher, "--steps", "1")) == 0
+    extra = [e.format(model=first / "model.pt", missing=tmp_path / "nope.pt") for e in extra]
+    assert main(tiny_args(train_images, tmp_path / "second", teacher, "--steps", "1", *extra)) != 0
+    assert re.search(message, capsys.readouterr().err)

@@ -49,7 +49,8 @@ from .descriptors import atomic_path
 from .images import ImageLoadError, list_images, open_image
 from .losses import LossConfig, RDCDLoss, descriptor_stats, effective_rank
 from .models import DescriptorModel, load_model
-from .models.student import OFFLINE_PRETRAINED, StudentNet, TorchImageModel, build_student, save_student
+from .models.student import (OFFLINE_PRETRAINED, StudentNet, TorchImageModel, build_student, load_student,
+                             save_student, transfer_weights)
 
 CHECKPOINT_FORMAT = "rdcd-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -67,6 +68,8 @@ class TrainConfig:
     teacher: str | DescriptorModel = "sscd"  # load_model name or file (SSCD int8 ONNX), or a model object
     student: str = "efficientnet_b0"  # timm backbone name
     pretrained: bool = False  # ImageNet init (offline weights exist for tf_efficientnet_lite0 only)
+    init: str | None = None  # start from a trained student instead: shipped model name or student .pt file
+    drop_blocks: list[str] = field(default_factory=list)  # residual blocks to remove ("stage.index"; with init)
     dim: int = 128  # descriptor size d
     size: int = 224  # training view size (px, square)
     eval_size: int = 288  # inference size stored in model.pt, also used by validation
@@ -726,6 +729,33 @@ def load_checkpoint(path: Path) -> dict:
     return payload
 
 
+def student_from_init(config: TrainConfig, teacher_dim: int) -> StudentNet:
+    """The student ``config.init`` (a shipped model name or a student file) with ``config.drop_blocks``
+    removed as well, its weights carried over; it must match ``--student``, ``--dim`` and the teacher."""
+    from .models import model_file
+
+    path = model_file(config.init) or Path(config.init)
+    if not path.is_file():
+        raise FileNotFoundError(f"--init {config.init}: neither a shipped model name nor a file")
+    try:
+        source = load_student(path)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise ValueError(f"--init {path}: not an rdcd student file ({e})") from e
+    wanted = {"backbone": config.student, "dim": config.dim, "kd_dim": teacher_dim}
+    differ = [f"{k} {getattr(source.config, k)!r} (asked: {v!r})" for k, v in wanted.items()
+              if getattr(source.config, k) != v]
+    if differ:
+        raise ValueError(f"--init {path}: the student has " + ", ".join(differ)
+                         + "; pass the matching --student and --dim (kd_dim must equal the teacher's dimension)")
+    drop = tuple(sorted(set(source.config.drop_blocks) | set(config.drop_blocks)))
+    target = StudentNet(dataclasses.replace(source.config, drop_blocks=drop, input_size=config.eval_size,
+                                            name=f"rdcd-{config.student}-{config.dim}", extra={}))
+    transfer_weights(source, target)
+    _log(f"rdcd train: starting from {path}" + (f" without block(s) {', '.join(config.drop_blocks)}"
+                                               if config.drop_blocks else ""))
+    return target
+
+
 def config_record(config: TrainConfig) -> dict:
     """The config as plain data (for config.json and checkpoints); a teacher object is named."""
     record = dataclasses.asdict(config)
@@ -845,17 +875,24 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             raise ValueError("teacher_in_workers needs the teacher as a name or file, which each worker loads")
         del teacher, teacher_model  # the workers load their own; free this one before they fork
         teacher = None
-    if config.bn == "frozen" and not config.pretrained:
+    if config.bn == "frozen" and not (config.pretrained or config.init):
         _log("rdcd train: warning: --bn frozen without pretrained weights keeps batch norm at its initial "
              "statistics (mean 0, variance 1), i.e. no normalisation; it is meant for ImageNet-initialised students")
+    if config.init and config.pretrained:
+        raise ValueError("--init and --pretrained both set the starting weights: give one of them")
     if config.pretrained and config.student not in OFFLINE_PRETRAINED:
         raise ValueError(f"no offline ImageNet weights for {config.student!r} (available: {sorted(OFFLINE_PRETRAINED)}); "
                          "use --no-pretrained")
-    student = build_student(config.student, dim=config.dim, kd_dim=teacher_dim, input_size=config.eval_size,
-                            pretrained=config.pretrained, name=f"rdcd-{config.student}-{config.dim}")
+    if config.init:
+        student = student_from_init(config, teacher_dim)
+    else:
+        if config.drop_blocks:
+            raise ValueError("--drop-blocks makes a shallower copy of a trained student: give it with --init MODEL")
+        student = build_student(config.student, dim=config.dim, kd_dim=teacher_dim, input_size=config.eval_size,
+                                pretrained=config.pretrained, name=f"rdcd-{config.student}-{config.dim}")
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     student = student.to(device, memory_format=memory_format)
-    if config.head_init == "teacher" and checkpoint is None:
+    if config.head_init == "teacher" and checkpoint is None and not config.init:  # init: its heads are trained
         if teacher is None:  # teacher_in_workers: load one here for the fit only
             fit_teacher = FrozenTeacher(load_teacher(config.teacher, device, threads))
         else:

@@ -30,6 +30,8 @@ def register(subparsers) -> None:
                         "measured; QOperator was faster at 224 px there: BENCHMARKS.md section 4)")
     p.add_argument("--float-layers", type=int, default=d.float_layers,
                    help="int8: keep the first N weighted layers in fp32 (default: %(default)s; 0 quantises all)")
+    p.add_argument("--weight-bits", type=int, choices=(7, 8), default=d.weight_bits,
+                   help="int8: weight precision, 7 bits (no saturation on CPUs without VNNI) or 8 (default: %(default)s)")
     p.add_argument("--opset", type=int, default=d.opset, help="ONNX opset (default: %(default)s)")
     p.add_argument("--size", type=int, default=None,
                    help="input size written to the metadata and used for calibration (default: the model's)")
@@ -42,7 +44,7 @@ def run(args) -> int:
     config = ExportConfig(format=args.format, precision=args.precision, opset=args.opset,
                           calibration=args.calibration, calibration_size=args.calibration_size,
                           quant_format=args.quant_format, input_size=args.size,
-                          float_layers=args.float_layers)
+                          float_layers=args.float_layers, weight_bits=args.weight_bits)
     path = export(args.model, args.output, config)
     print(f"rdcd: {args.model} -> {path} ({args.format} {args.precision})", file=sys.stderr)
     return 0

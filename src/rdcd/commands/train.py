@@ -21,6 +21,12 @@ def register(subparsers) -> None:
     g.add_argument("--student", default=d.student, help="timm backbone of the student (default: %(default)s)")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=d.pretrained,
                    help="start the student from ImageNet weights (default: %(default)s)")
+    g.add_argument("--init", default=None, metavar="MODEL",
+                   help="start from a trained student (shipped model name or student .pt) instead of ImageNet "
+                        "weights; --student and --dim must match it")
+    g.add_argument("--drop-blocks", nargs="+", default=[], metavar="S.I",
+                   help="with --init: remove these residual blocks (stage.index of the full "
+                        "backbone, e.g. 5.1; a wrong one is answered with the list) for a shallower, faster student")
     g.add_argument("--dim", type=int, default=d.dim, help="descriptor size (default: %(default)s)")
     g.add_argument("--size", type=int, default=d.size, help="training view size in px (default: %(default)s)")
     g.add_argument("--eval-size", type=int, default=d.eval_size,
@@ -95,7 +101,7 @@ def config_from_args(args):
         queue_size=args.queue_size)
     return TrainConfig(
         data=args.data, output=args.output, teacher=args.teacher, student=args.student, pretrained=args.pretrained,
-        dim=args.dim, size=args.size, eval_size=args.eval_size, augmentations=args.augmentations,
+        init=args.init, drop_blocks=list(args.drop_blocks), dim=args.dim, size=args.size, eval_size=args.eval_size, augmentations=args.augmentations,
         epochs=args.epochs, steps=args.steps, warmup_epochs=args.warmup_epochs, warmup_steps=args.warmup_steps,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         key_momentum=args.key_momentum, bn=args.bn, head_lr=args.head_lr,

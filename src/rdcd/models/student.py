@@ -39,6 +39,9 @@ class StudentConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     name: str = ""  # display name, e.g. "rdcd-tf_efficientnet_lite0-128"
+    # residual backbone blocks removed ("stage.index" in the full timm architecture, e.g. "5.1"): a
+    # shallower, faster student made from a trained one (rdcd train --init M --drop-blocks ...)
+    drop_blocks: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)  # free-form provenance (training run, teacher, ...)
 
     @classmethod
@@ -51,6 +54,8 @@ class StudentConfig:
         for k in ("mean", "std"):
             if k in d:
                 d[k] = tuple(float(v) for v in d[k])
+        if "drop_blocks" in d:
+            d["drop_blocks"] = tuple(str(v) for v in d["drop_blocks"])
         return cls(**d)
 
 
@@ -79,6 +84,8 @@ class StudentNet(nn.Module):
         self.backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0, global_pool="")
         if pretrained:
             load_pretrained_backbone(self.backbone, config.backbone)
+        #: original "stage.index" name of each block kept, per stage (state-dict keys renumber)
+        self.block_names = drop_residual_blocks(self.backbone, config.drop_blocks, config.backbone)
         _drop_unused_head(self.backbone)
         self.pool = GeM(config.gem_p, learnable=config.gem_learnable)
         self.fc = nn.Linear(self.backbone.num_features, config.kd_dim)
@@ -92,6 +99,59 @@ class StudentNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[1]
+
+
+def residual_block_names(backbone: nn.Module) -> list[str]:
+    """"stage.index" of each block of a timm EfficientNet/MobileNet-style backbone (``backbone.blocks``,
+    a sequence of stages) whose output adds its input (a skip connection): the blocks that can be
+    dropped, since without them the stage still maps its input to the same shape."""
+    stages = getattr(backbone, "blocks", None)
+    if stages is None:
+        return []
+    return [f"{s}.{b}" for s, stage in enumerate(stages) for b, block in enumerate(stage)
+            if getattr(block, "has_skip", False)]
+
+
+def drop_residual_blocks(backbone: nn.Module, names, backbone_name: str = "backbone") -> list[list[str]]:
+    """Remove the residual blocks ``names`` ("stage.index") from ``backbone`` in place; returns the
+    original names of the blocks kept, per stage."""
+    stages = getattr(backbone, "blocks", None)
+    kept = [[f"{s}.{b}" for b in range(len(stage))] for s, stage in enumerate(stages)] if stages is not None else []
+    names = [str(n) for n in names]
+    if not names:
+        return kept
+    allowed = residual_block_names(backbone)
+    bad = sorted(set(names) - set(allowed))
+    if bad:
+        raise ValueError(f"{backbone_name}: cannot drop block(s) {', '.join(bad)}: only blocks with a skip "
+                         f"connection can be dropped, here {', '.join(allowed) or 'none'}")
+    for s, stage in enumerate(stages):
+        keep = [b for b in range(len(stage)) if f"{s}.{b}" not in names]
+        stages[s] = nn.Sequential(*(stage[b] for b in keep))
+        kept[s] = [f"{s}.{b}" for b in keep]
+    return kept
+
+
+def transfer_weights(source: "StudentNet", target: "StudentNet") -> None:
+    """Load ``source``'s weights into ``target``, a student with the same architecture and the same
+    or more blocks dropped (blocks are matched by their original names)."""
+    for field_name in ("backbone", "kd_dim", "dim"):
+        a, b = getattr(source.config, field_name), getattr(target.config, field_name)
+        if a != b:
+            raise ValueError(f"cannot start from a student with {field_name} {a!r} for one with {b!r}")
+    gone = sorted(set(source.config.drop_blocks) - set(target.config.drop_blocks))
+    if gone:
+        raise ValueError(f"the starting student has no weights for block(s) {', '.join(gone)} (dropped there)")
+    where = {name: (s, b) for s, stage in enumerate(source.block_names) for b, name in enumerate(stage)}
+    source_state = source.state_dict()
+    state = {}
+    for key in target.state_dict():
+        parts = key.split(".")
+        if key.startswith("backbone.blocks."):
+            s, b = where[target.block_names[int(parts[2])][int(parts[3])]]
+            parts[2:4] = [str(s), str(b)]
+        state[key] = source_state[".".join(parts)]
+    target.load_state_dict(state, strict=True)
 
 
 def _drop_unused_head(backbone: nn.Module) -> None:
