@@ -74,7 +74,8 @@ def gflops(net, size: int = 224) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("mode", choices=("scan", "speed", "train"))
-    ap.add_argument("--model", default="rdcd-default", help="the student to make shallower (shipped name or .pt)")
+    ap.add_argument("--model", default="rdcd-tf_efficientnet_lite0-128",
+                    help="the student to make shallower (shipped name or .pt; default: the full-depth 128-d one)")
     ap.add_argument("--drop", nargs="*", default=[])
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=32)

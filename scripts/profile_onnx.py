@@ -1,7 +1,7 @@
 """Where an exported student spends its ONNX Runtime time: share of each op type, for timm's
 Pad+Conv graph (``ExportConfig(same_upper=False)``) and rdcd's SAME_UPPER graph, fp32 and int8.
 
-    python scripts/profile_onnx.py [--model rdcd-default] [--size 288] [--calibration runs/split/train.txt]
+    python scripts/profile_onnx.py [--model rdcd-tf_efficientnet_lite0-128] [--size 288] [--calibration runs/split/train.txt]
 
 One batch of 32 random images, 2 threads, 3 profiled runs after a warm-up (ONNX Runtime's profiler;
 its own overhead makes the totals larger than plain timings, the shares are what this is for).
@@ -42,7 +42,7 @@ def op_shares(path: Path, size: int, runs: int = 3) -> tuple[float, dict[str, fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="rdcd-default")
+    ap.add_argument("--model", default="rdcd-tf_efficientnet_lite0-128")
     ap.add_argument("--size", type=int, default=288)
     ap.add_argument("--calibration", default="runs/split/train.txt")
     args = ap.parse_args()

@@ -105,7 +105,7 @@ def main() -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
 
-    teacher = load_student(model_file("rdcd-default")).eval()
+    teacher = load_student(model_file("rdcd-tf_efficientnet_lite0-128")).eval()  # the full-depth model
     student = pruned_copy(teacher, args.expansion)
     report = {"expansion": args.expansion, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
     for label, net in (("shipped", teacher), ("pruned, before training", student)):
