@@ -89,7 +89,7 @@ def student_variants(spec: str, work: Path, calibration: str):
                             name=spec)
         path = save_student(net, work / f"{backbone}.pt")
     else:
-        path = Path(spec)
+        path = model_file(spec) or Path(spec)  # a shipped model's name or a student file
         net = load_student(path)
     name = net.config.name or path.stem
     yield f"{name} PyTorch fp32", load_model(path)

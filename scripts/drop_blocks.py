@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from rdcd.models import model_file
-from rdcd.models.student import StudentModel, StudentNet, load_student, residual_block_names, transfer_weights
+from rdcd.models.student import StudentModel, StudentNet, load_student, residual_block_names, shallower
 
 
 
@@ -59,9 +59,7 @@ def residual_blocks(net) -> list[str]:
 
 def dropped(net, drop: list[str]):
     """A copy of ``net`` without the blocks named in ``drop`` (as ``rdcd train --drop-blocks`` builds it)."""
-    out = StudentNet(dataclasses.replace(net.config, drop_blocks=tuple(sorted(set(net.config.drop_blocks) | set(drop)))))
-    transfer_weights(net, out)
-    return out.eval()
+    return shallower(net, drop).eval()
 
 
 def gflops(net, size: int = 224) -> float:

@@ -126,7 +126,7 @@ def test_int8_close_to_fp32_and_keeps_neighbours(tmp_path):
     # (+-2 grey levels of pixel noise give a lower cosine than int8 does), so a trained model's 0.99
     # is out of reach here: measured mean 0.983 and 24 of 24 nearest neighbours kept with the default
     # float_layers=3 (0.953 and 21 of 24 with every layer quantised), 2026-11-27. The trained model:
-    # test_int8_of_the_shipped_student_is_within_issue_parity.
+    # test_int8_of_the_shipped_students_is_within_issue_parity.
     assert cosines(got, want).mean() >= 0.95
     assert np.mean((got @ want.T).argmax(axis=1) == np.arange(len(images))) >= 0.9
 
@@ -320,3 +320,28 @@ def test_a_student_with_dropped_blocks_exports_and_matches(student_file, tmp_pat
     want = load_model(path).embed(images)
     assert np.min(cosines(load_model(onnx_path).embed(images), want)) >= 0.9999
     assert np.max(cosines(load_model(student_file).embed(images), want)) < 0.9999  # the blocks did matter
+
+
+def test_int8_weight_bits_set_the_weight_range(student_file, tmp_path):
+    """``weight_bits=7`` (the default, ORT's reduce_range) keeps int8 weights within +-64, so the
+    u8 x s8 products cannot saturate without VNNI; ``weight_bits=8`` uses the full +-127 range."""
+    from onnx import numpy_helper
+
+    from rdcd.export import ExportConfig
+
+    calib = tmp_path / "calibration"
+    calib.mkdir()
+    for i in range(8):
+        picture(600 + i, (80, 80)).save(calib / f"c{i}.jpg", quality=90)
+    largest = {}
+    for bits in (7, 8):
+        path = export(student_file, tmp_path / f"w{bits}.onnx", precision="int8", calibration=calib,
+                      calibration_size=8, weight_bits=bits)
+        model = onnx.load(str(path))
+        weights = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+        assert weights, "no int8 weights in the graph"
+        largest[bits] = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+        assert json.loads({p.key: p.value for p in model.metadata_props}["rdcd.export"])["weight_bits"] == bits
+    assert largest[7] <= 64 < largest[8]
+    with pytest.raises(ValueError, match="weight_bits must be 7 or 8"):
+        ExportConfig(precision="int8", calibration=str(calib), weight_bits=6).check()

@@ -607,8 +607,10 @@ def test_checkpoints_from_before_the_head_groups_still_resume():
         assert [g["lr"] for g in new.param_groups] == pytest.approx([old.param_groups[0]["lr"]] * 2)
     # a config saved before the new fields existed equals one with their defaults
     record = config_record(TrainConfig(data="d", output="o"))
-    saved = {k: v for k, v in record.items() if k not in ("bn", "head_lr", "head_init", "head_init_images")}
+    saved = {k: v for k, v in record.items()
+             if k not in ("bn", "head_lr", "head_init", "head_init_images", "init", "drop_blocks")}
     assert config_differences(saved, record) == []
+    assert config_differences(saved, {**record, "drop_blocks": ["5.1"]}) != []
     assert config_differences(saved, {**record, "bn": "frozen"}) == ["bn: 'batch' in the checkpoint, 'frozen' now"]
 
 
@@ -652,32 +654,40 @@ def test_dropping_residual_blocks_is_the_identity_in_their_place():
 
 
 def test_train_from_init_without_blocks_then_extract_and_resume(tmp_path, train_images):
-    """`rdcd train --init RUN/model.pt --drop-blocks ...`: the new student starts with the trained
-    weights (same output as the trained one with the blocks skipped), is saved with its architecture,
-    loads back through load_student and rdcd extract, and resumes."""
+    """`rdcd train --init RUN/model.pt --drop-blocks ...`: the new student starts from the trained
+    weights (with learning rate 0 its parameters stay exactly the trained ones without the two
+    blocks), is saved with its architecture, loads back through load_student and rdcd extract, and
+    resumes from its checkpoint even when the --init file has gone."""
     from rdcd.cli import main
-    from rdcd.models.student import StudentNet, load_student, transfer_weights
-    import dataclasses
+    from rdcd.models.student import load_student, shallower
 
     teacher = tiny_onnx_teacher(tmp_path / "teacher.onnx")
     first = tmp_path / "first"
     assert main(tiny_args(train_images, first, teacher, "--steps", "2")) == 0
     trained = load_student(first / "model.pt")
+    start = shallower(trained, ["2.2", "5.1"]).eval()
+    frozen = tmp_path / "frozen"
+    assert main(tiny_args(train_images, frozen, teacher, "--steps", "1", "--lr", "0", "--init",
+                          str(first / "model.pt"), "--drop-blocks", "2.2", "5.1")) == 0
+    kept = load_student(frozen / "model.pt")
+    assert kept.config.drop_blocks == ("2.2", "5.1") and kept.config.name == "rdcd-mobilenetv3_large_100-shallow-16"
+    for (name, a), (_, b) in zip(kept.named_parameters(), start.named_parameters()):
+        assert torch.equal(a, b), name
+    assert sum(p.numel() for p in kept.parameters()) < sum(p.numel() for p in trained.parameters())
+
     second = tmp_path / "second"
-    args = tiny_args(train_images, second, teacher, "--steps", "3", "--init", str(first / "model.pt"),
+    init = tmp_path / "init.pt"
+    init.write_bytes((first / "model.pt").read_bytes())
+    args = tiny_args(train_images, second, teacher, "--steps", "3", "--init", str(init),
                      "--drop-blocks", "2.2", "5.1", "--checkpoint-every", "2", "--stop-at", "2")
     assert main(args) == 0
+    init.unlink()  # resuming needs only the checkpoint
     assert main(args[:-2] + ["--resume"]) == 0
     config = json.loads((second / "config.json").read_text())["config"]
-    assert config["init"] == str(first / "model.pt") and config["drop_blocks"] == ["2.2", "5.1"]
+    assert config["init"] == str(init) and config["drop_blocks"] == ["2.2", "5.1"]
     shallow = load_student(second / "model.pt")
     assert shallow.config.drop_blocks == ("2.2", "5.1")
-    assert sum(p.numel() for p in shallow.parameters()) < sum(p.numel() for p in trained.parameters())
-    # step 0 of that run: the trained weights without the two blocks (training then moved them)
-    start = StudentNet(dataclasses.replace(trained.config, drop_blocks=("2.2", "5.1"))).eval()
-    transfer_weights(trained, start)
-    assert not torch.equal(start.fc.weight, shallow.fc.weight)
-    assert torch.equal(start.backbone.blocks[5][1].conv_pw.weight, trained.backbone.blocks[5][2].conv_pw.weight)
+    assert not torch.equal(start.fc.weight, shallow.fc.weight)  # it trained
     assert main(["extract", "--model", str(second / "model.pt"), "--images", str(train_images),
                  "--output", str(tmp_path / "d.npy")]) == 0
     assert np.load(tmp_path / "d.npy").shape == (18, 16)
@@ -689,13 +699,16 @@ def test_train_from_init_without_blocks_then_extract_and_resume(tmp_path, train_
     (["--init", "{model}", "--pretrained"], "--init and --pretrained"),
     (["--init", "{model}", "--dim", "8"], r"dim 16 \(asked: 8\)"),
     (["--init", "{missing}"], "neither a shipped model name nor a file"),
+    (["--init", "{checkpoint}"], "not an rdcd student model file"),
 ])
 def test_train_init_errors_say_what_is_wrong(tmp_path, train_images, capsys, extra, message):
     from rdcd.cli import main
 
     teacher = tiny_onnx_teacher(tmp_path / "teacher.onnx")
     first = tmp_path / "first"
-    assert main(tiny_args(train_images, first, teacher, "--steps", "1")) == 0
-    extra = [e.format(model=first / "model.pt", missing=tmp_path / "nope.pt") for e in extra]
+    if any("{model}" in e or "{checkpoint}" in e for e in extra):  # a trained student to start from
+        assert main(tiny_args(train_images, first, teacher, "--steps", "1", "--checkpoint-every", "1")) == 0
+    extra = [e.format(model=first / "model.pt", missing=tmp_path / "nope.pt", checkpoint=first / "checkpoint.pt")
+             for e in extra]
     assert main(tiny_args(train_images, tmp_path / "second", teacher, "--steps", "1", *extra)) != 0
     assert re.search(message, capsys.readouterr().err)

@@ -49,8 +49,8 @@ from .descriptors import atomic_path
 from .images import ImageLoadError, list_images, open_image
 from .losses import LossConfig, RDCDLoss, descriptor_stats, effective_rank
 from .models import DescriptorModel, load_model
-from .models.student import (OFFLINE_PRETRAINED, StudentNet, TorchImageModel, build_student, load_student,
-                             save_student, transfer_weights)
+from .models.student import (OFFLINE_PRETRAINED, StudentConfig, StudentNet, TorchImageModel, build_student,
+                             load_student, save_student, shallower)
 
 CHECKPOINT_FORMAT = "rdcd-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -739,18 +739,23 @@ def student_from_init(config: TrainConfig, teacher_dim: int) -> StudentNet:
         raise FileNotFoundError(f"--init {config.init}: neither a shipped model name nor a file")
     try:
         source = load_student(path)
-    except (ValueError, RuntimeError, OSError) as e:
-        raise ValueError(f"--init {path}: not an rdcd student file ({e})") from e
+    except Exception as e:  # torch.load raises many kinds (UnpicklingError, KeyError, EOFError, ...)
+        raise ValueError(f"--init {path}: not an rdcd student model file ({type(e).__name__}: {e})") from e
     wanted = {"backbone": config.student, "dim": config.dim, "kd_dim": teacher_dim}
     differ = [f"{k} {getattr(source.config, k)!r} (asked: {v!r})" for k, v in wanted.items()
               if getattr(source.config, k) != v]
     if differ:
         raise ValueError(f"--init {path}: the student has " + ", ".join(differ)
                          + "; pass the matching --student and --dim (kd_dim must equal the teacher's dimension)")
-    drop = tuple(sorted(set(source.config.drop_blocks) | set(config.drop_blocks)))
-    target = StudentNet(dataclasses.replace(source.config, drop_blocks=drop, input_size=config.eval_size,
-                                            name=f"rdcd-{config.student}-{config.dim}", extra={}))
-    transfer_weights(source, target)
+    again = sorted(set(config.drop_blocks) & set(source.config.drop_blocks))
+    if again:
+        _log(f"rdcd train: warning: --init {path} has no block(s) {', '.join(again)} already")
+    if source.config.input_size != config.eval_size:
+        _log(f"rdcd train: warning: --init {path} was made for {source.config.input_size} px; this run validates "
+             f"and saves it for {config.eval_size} px (--eval-size)")
+    shallow = bool(config.drop_blocks or source.config.drop_blocks)
+    target = shallower(source, config.drop_blocks, input_size=config.eval_size, extra={},
+                       name=f"rdcd-{config.student}{'-shallow' if shallow else ''}-{config.dim}")
     _log(f"rdcd train: starting from {path}" + (f" without block(s) {', '.join(config.drop_blocks)}"
                                                if config.drop_blocks else ""))
     return target
@@ -767,8 +772,7 @@ def config_record(config: TrainConfig) -> dict:
 def config_differences(saved: dict, new: dict) -> list[str]:
     """Settings (config records) that differ, except those a resumed run may change. Fields added
     after a checkpoint was written count as their defaults (those reproduce the older behaviour)."""
-    saved = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)
-                if f.default is not dataclasses.MISSING and f.name not in saved}, **saved}
+    saved = {**config_record(TrainConfig()), **saved}
     return [f"{k}: {saved.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in sorted(set(saved) | set(new))
             if k not in RUN_CONTROL_FIELDS and saved.get(k) != new.get(k)]
 
@@ -883,8 +887,13 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     if config.pretrained and config.student not in OFFLINE_PRETRAINED:
         raise ValueError(f"no offline ImageNet weights for {config.student!r} (available: {sorted(OFFLINE_PRETRAINED)}); "
                          "use --no-pretrained")
-    if config.init:
+    if config.init and checkpoint is not None and "student_config" in checkpoint:
+        # resuming: the architecture is in the checkpoint (the --init file may have moved or changed)
+        student = StudentNet(StudentConfig.from_dict(checkpoint["student_config"]))
+    elif config.init:
         student = student_from_init(config, teacher_dim)
+        if config.head_init == "teacher":
+            _log("rdcd train: --head-init teacher does not apply with --init: the heads come from the trained student")
     else:
         if config.drop_blocks:
             raise ValueError("--drop-blocks makes a shallower copy of a trained student: give it with --init MODEL")
@@ -974,6 +983,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             merged = {path: reason for part in all_skipped for path, reason in part.items()}
             save_checkpoint(checkpoint_path, step=step, config=config_record(config),
                             data_digest=paths_digest(paths), student=student.state_dict(),
+                            student_config=dataclasses.asdict(student.config),
                             key_encoder=key_encoder.state_dict(), criterion=criterion.state_dict(),
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                             scaler=scaler.state_dict(), rng=rng_states, skipped=merged)

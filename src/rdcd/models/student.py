@@ -154,6 +154,15 @@ def transfer_weights(source: "StudentNet", target: "StudentNet") -> None:
     target.load_state_dict(state, strict=True)
 
 
+def shallower(net: "StudentNet", drop, **config_changes) -> "StudentNet":
+    """A copy of ``net`` without the residual blocks ``drop`` as well (names of the full
+    architecture), its weights carried over; ``config_changes`` go to the new config."""
+    blocks = tuple(sorted(set(net.config.drop_blocks) | {str(d) for d in drop}))
+    out = StudentNet(dataclasses.replace(net.config, drop_blocks=blocks, **config_changes))
+    transfer_weights(net, out)
+    return out.train(net.training)
+
+
 def _drop_unused_head(backbone: nn.Module) -> None:
     """Replace top-level modules that ``forward_features`` never reaches (e.g. MobileNetV3's
     ``conv_head``, which timm applies after its pooling) by Identity, so GeM pools the last
@@ -254,8 +263,10 @@ def save_student(net: StudentNet, path: str | os.PathLike, half: bool = False) -
 
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in net.state_dict().items()}
-    payload = {"format": FILE_FORMAT, "version": FILE_VERSION,
-               "config": dataclasses.asdict(net.config), "state_dict": state}
+    config = dataclasses.asdict(net.config)
+    if not config["drop_blocks"]:  # full-depth files stay readable by rdcd versions without the field
+        del config["drop_blocks"]
+    payload = {"format": FILE_FORMAT, "version": FILE_VERSION, "config": config, "state_dict": state}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     with atomic_path(path, ".pt") as tmp:
