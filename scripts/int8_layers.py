@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from rdcd.export import calibration_images, export
+from rdcd.machine import interleaved_rates
 from rdcd.models import load_model
 
 
@@ -61,14 +62,7 @@ def main() -> None:
             rows[key] = f"| {n} | {bits} | {count} | " + " | ".join(cells) + " |"
         # speed: 5 interleaved rounds, median, so a slow spell of the machine hits every variant alike
         batch = next(iter(tests.values()))[:32]
-        rates = {k: [] for k in models}
-        for model in models.values():
-            model.embed(batch)
-        for _ in range(5):
-            for k, model in models.items():
-                start = time.perf_counter()
-                model.embed(batch)
-                rates[k].append(len(batch) / (time.perf_counter() - start))
+        rates = interleaved_rates({k: partial(model.embed, batch) for k, model in models.items()}, len(batch))
         for k in models:
             print(f"{rows[k]} {np.median(rates[k]):.1f} |", flush=True)
 

@@ -24,8 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from rdcd.augment import advanced
@@ -88,6 +86,41 @@ def uap(model, folder: Path) -> float:
     return evaluate(benchmark_predictions(embed_benchmark(model, bench), 10, False), bench.ground_truth)["uAP"]
 
 
+def uaps(net, valbench: Path, devbench: Path) -> dict:
+    """uAP of a student network (160 px, k = 10, fp32 PyTorch) on the validation benchmark and devbench."""
+    model = StudentModel(net.eval())
+    return {"valbench_uAP": uap(model, valbench), "devbench_uAP": uap(model, devbench)}
+
+
+def self_distill(student, teacher, data: str, steps: int, batch_size: int, lr: float, seed: int,
+                 batch_norm: bool = True) -> dict:
+    """Train ``student`` for ``steps`` steps to give ``teacher``'s descriptors (1 - cosine, AdamW,
+    cosine schedule) on images of ``data`` under the "advanced" augmentations at the teacher's input
+    size; ``batch_norm``: batch statistics (False: the network stays in eval mode, batch norm frozen).
+    Returns the training seconds and the final loss (mean of the last 20 steps)."""
+    loader = DataLoader(Views(list_images(data), teacher.config.input_size, seed), batch_size=batch_size,
+                        num_workers=1)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-5)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    student.train(batch_norm)  # no dropout or drop-path in these students: eval mode only freezes batch norm
+    start, log = time.time(), []
+    for step, x in enumerate(loader, 1):
+        with torch.no_grad():
+            target = teacher(x)
+        loss = (1 - F.cosine_similarity(student(x), target, dim=1)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        log.append(loss.item())
+        if step % 20 == 0:
+            print(f"step {step} loss {np.mean(log[-20:]):.4f} {time.time() - start:.0f} s", flush=True)
+        if step >= steps:
+            break
+    student.eval()
+    return {"train_seconds": time.time() - start, "final_loss": float(np.mean(log[-20:]))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--expansion", type=int, default=3)
@@ -108,35 +141,12 @@ def main() -> None:
     teacher = load_student(model_file("rdcd-tf_efficientnet_lite0-128")).eval()  # the full-depth model
     student = pruned_copy(teacher, args.expansion)
     report = {"expansion": args.expansion, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
+    valbench, devbench = Path(args.valbench), Path(args.devbench)
     for label, net in (("shipped", teacher), ("pruned, before training", student)):
-        report[label] = {"valbench_uAP": uap(StudentModel(net.eval()), Path(args.valbench)),
-                         "devbench_uAP": uap(StudentModel(net.eval()), Path(args.devbench))}
+        report[label] = uaps(net, valbench, devbench)
         print(label, report[label], flush=True)
-
-    loader = DataLoader(Views(list_images(args.data), teacher.config.input_size, args.seed),
-                        batch_size=args.batch_size, num_workers=1)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=1e-5)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
-    student.train()
-    start, log = time.time(), []
-    for step, x in enumerate(loader, 1):
-        with torch.no_grad():
-            target = teacher(x)
-        loss = (1 - F.cosine_similarity(student(x), target, dim=1)).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        log.append(float(loss))
-        if step % 20 == 0:
-            print(f"step {step} loss {np.mean(log[-20:]):.4f} {time.time() - start:.0f} s", flush=True)
-        if step >= args.steps:
-            break
-    student.eval()
-    report["train_seconds"] = time.time() - start
-    report["final_loss"] = float(np.mean(log[-20:]))
-    report["pruned, after training"] = {"valbench_uAP": uap(StudentModel(student), Path(args.valbench)),
-                                        "devbench_uAP": uap(StudentModel(student), Path(args.devbench))}
+    report.update(self_distill(student, teacher, args.data, args.steps, args.batch_size, args.lr, args.seed))
+    report["pruned, after training"] = uaps(student, valbench, devbench)
     print("pruned, after training", report["pruned, after training"], flush=True)
     torch.save(student.state_dict(), out / "state_dict.pt")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -238,3 +238,27 @@ def test_make_benchmark_output_is_accepted_by_bench(tmp_path):
     result = json.loads((tmp_path / "r.json").read_text())[0]
     n_matching = sum(1 for row in read_csv(tmp_path / "bench" / "ground_truth.csv") if row["reference_id"])
     assert result["n_gt"] == n_matching > 0 and result["uAP_by_edit"]
+
+
+def test_interleaved_rates_run_every_job_once_per_round_in_turn():
+    """The benchmark scripts' timing: one warm-up call each, then rounds that run every job once in
+    the order given, so a slow spell of the machine hits all of them; rates are items per second."""
+    import time
+
+    from rdcd.machine import interleaved_rates
+
+    calls = []
+
+    def job(name, seconds):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+        return run
+
+    rates = interleaved_rates({"fast": job("fast", 0.01), "slow": job("slow", 0.04)}, items=8, rounds=3)
+    assert calls == ["fast", "slow"] * 4  # warm-up + 3 rounds
+    assert {k: len(v) for k, v in rates.items()} == {"fast": 3, "slow": 3}
+    assert (rates["slow"] < 8 / 0.04 + 1).all() and (rates["fast"] > rates["slow"]).all()
+    calls.clear()
+    interleaved_rates({"a": job("a", 0), "b": job("b", 0)}, items=1, rounds=2, warmup=False)
+    assert calls == ["a", "b", "a", "b"]

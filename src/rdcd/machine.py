@@ -19,3 +19,24 @@ def cpu_model() -> str:
 
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def interleaved_rates(jobs: dict, items: int, rounds: int = 5, warmup: bool = True) -> dict:
+    """Items per second of each job (a callable processing ``items`` items), measured in ``rounds``
+    rounds that each run every job once, in turn, after one warm-up call each (``warmup``). A slow
+    spell of a machine whose speed drifts then hits every job alike: compare the jobs by the median
+    of their per-round ratios, or by their median rates. Returns {name: array of ``rounds`` rates}."""
+    import time
+
+    import numpy as np
+
+    if warmup:
+        for job in jobs.values():
+            job()
+    rates = {name: [] for name in jobs}
+    for _ in range(rounds):
+        for name, job in jobs.items():
+            start = time.perf_counter()
+            job()
+            rates[name].append(items / (time.perf_counter() - start))
+    return {name: np.asarray(r) for name, r in rates.items()}

@@ -887,16 +887,16 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     if config.pretrained and config.student not in OFFLINE_PRETRAINED:
         raise ValueError(f"no offline ImageNet weights for {config.student!r} (available: {sorted(OFFLINE_PRETRAINED)}); "
                          "use --no-pretrained")
-    if config.init and checkpoint is not None and "student_config" in checkpoint:
-        # resuming: the architecture is in the checkpoint (the --init file may have moved or changed)
+    if config.drop_blocks and not config.init:
+        raise ValueError("--drop-blocks makes a shallower copy of a trained student: give it with --init MODEL")
+    if checkpoint is not None and "student_config" in checkpoint:
+        # resuming: the checkpoint holds the architecture and the weights (an --init file may be gone)
         student = StudentNet(StudentConfig.from_dict(checkpoint["student_config"]))
     elif config.init:
         student = student_from_init(config, teacher_dim)
         if config.head_init == "teacher":
             _log("rdcd train: --head-init teacher does not apply with --init: the heads come from the trained student")
-    else:
-        if config.drop_blocks:
-            raise ValueError("--drop-blocks makes a shallower copy of a trained student: give it with --init MODEL")
+    else:  # a new run, or a checkpoint written before checkpoints held the architecture
         student = build_student(config.student, dim=config.dim, kd_dim=teacher_dim, input_size=config.eval_size,
                                 pretrained=config.pretrained, name=f"rdcd-{config.student}-{config.dim}")
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format

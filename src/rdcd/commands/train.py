@@ -101,7 +101,8 @@ def config_from_args(args):
         queue_size=args.queue_size)
     return TrainConfig(
         data=args.data, output=args.output, teacher=args.teacher, student=args.student, pretrained=args.pretrained,
-        init=args.init, drop_blocks=list(args.drop_blocks), dim=args.dim, size=args.size, eval_size=args.eval_size, augmentations=args.augmentations,
+        init=args.init, drop_blocks=list(args.drop_blocks), dim=args.dim, size=args.size, eval_size=args.eval_size,
+        augmentations=args.augmentations,
         epochs=args.epochs, steps=args.steps, warmup_epochs=args.warmup_epochs, warmup_steps=args.warmup_steps,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         key_momentum=args.key_momentum, bn=args.bn, head_lr=args.head_lr,
