@@ -159,10 +159,12 @@ def test_queue_state_dict_round_trip():
     queue = FeatureQueue(5, 2, random_init=False)
     queue.enqueue(rows(1, 2, 3))
     state = queue.state_dict()
-    assert set(state) == {"queue", "ptr", "num_filled"}
+    assert set(state) == {"queue", "ptr", "num_filled", "ids"}
     restored = FeatureQueue(5, 2, random_init=False)
     restored.load_state_dict(state)
     assert torch.equal(restored.queue, queue.queue)
+    old = {k: v for k, v in state.items() if k != "ids"}  # a checkpoint from before the ids
+    FeatureQueue(5, 2, random_init=False).load_state_dict(old)
     assert int(restored.ptr) == 3 and int(restored.num_filled) == 3
     restored.enqueue(rows(4, 5, 6))
     assert torch.equal(restored.queue, rows(6, 2, 3, 4, 5))
@@ -211,6 +213,94 @@ def test_rdcd_enqueue_normalises_and_is_saved_in_state_dict():
     assert torch.allclose(loss_fn.teacher_queue.features(), torch.tensor([[0.0, 0.0, 1.0]]))
     state = loss_fn.state_dict()
     assert {"key_queue.queue", "key_queue.ptr", "teacher_queue.queue", "teacher_queue.num_filled"} <= set(state)
+
+
+# ---------------------------------------------------------------- same-image keys
+
+
+def test_query_gets_no_hard_negative_or_contrastive_term_from_its_own_earlier_key():
+    """Image 7's earlier view sits in the queue as the row nearest to its query: it must not be
+    s_max of L_hn nor a negative of L_con; the other rows still are."""
+    cfg = LossConfig(queue_size=3, tau_con=0.5, use_rel=False)
+    loss_fn = RDCDLoss(2, 2, cfg).double()
+    loss_fn.enqueue(t(QUEUE), None, torch.tensor([3, 4, 7]))  # row [0.8, 0.6] is image 7's
+    out = loss_fn(t(Q), t(K), t(Q), None, image_ids=torch.tensor([7]))
+    hn_without_own = -math.log(1 - 0.0)  # hardest remaining negative: cosine 0 (row [0, 1])
+    logits = [0.6 / 0.5, 0.0 / 0.5, -1.0 / 0.5]
+    con_without_own = -math.log(math.exp(logits[0]) / sum(math.exp(x) for x in logits))
+    assert out["hn"].item() == pytest.approx(hn_without_own, abs=1e-12)
+    assert out["con"].item() == pytest.approx(con_without_own, rel=1e-12)
+    # another image's query still sees the row as its hardest negative
+    other = loss_fn(t(Q), t(K), t(Q), None, image_ids=torch.tensor([8]))
+    assert other["hn"].item() == pytest.approx(-math.log(0.2), rel=1e-12)
+    # switched off: the paper's behaviour
+    loss_fn.config.mask_same_image = False
+    assert loss_fn(t(Q), t(K), t(Q), None, image_ids=torch.tensor([7]))["hn"].item() == pytest.approx(-math.log(0.2))
+
+
+def test_queue_stores_image_ids_and_wraps_with_them():
+    queue = FeatureQueue(3, 2, random_init=True)
+    assert torch.equal(queue.feature_ids(), torch.tensor([-1, -1, -1]))  # random rows belong to no image
+    queue.enqueue(rows(1, 2), torch.tensor([10, 11]))
+    queue.enqueue(rows(3, 4), torch.tensor([12, 13]))
+    assert torch.equal(queue.ids, torch.tensor([13, 11, 12]))
+    queue.enqueue(rows(5))  # no ids given: unknown
+    assert torch.equal(queue.ids, torch.tensor([13, -1, 12]))
+
+
+def test_rel_bank_masks_same_image_rows_only_when_asked():
+    h_s, h_t = t([[0.0, 1.0]]), t([[1.0, 0.0]])
+    bank = t([[0.8, 0.6], [0.6, 0.8]])
+    exclude = torch.tensor([[True, False]])
+    masked = relational_loss(h_s, h_t, bank, 1.0, 1.0, include_batch=False, exclude=exclude)
+    assert masked.item() == pytest.approx(0.0, abs=1e-9)  # one row left: both distributions are [1]
+    kept = relational_loss(h_s, h_t, bank, 1.0, 1.0, include_batch=False)
+    assert kept.item() > 0.01
+
+
+# ---------------------------------------------------------------- weights and batches by hand
+
+
+def kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+
+def test_rdcd_loss_weights_every_term_with_distinct_lambdas():
+    cfg = LossConfig(queue_size=3, tau_con=0.5, tau_s=0.5, tau_t=0.25, rel_include_batch=False,
+                     lambda_con=0.7, lambda_hn=3.0, lambda_rel=2.5)
+    loss_fn = RDCDLoss(descriptor_dim=2, teacher_dim=2, config=cfg).double()
+    loss_fn.key_queue.queue.copy_(t(QUEUE))
+    loss_fn.teacher_queue.enqueue(t([[0.8, 0.6], [0.0, 1.0]]))
+    out = loss_fn(t(Q), t(K), h_s=t([[0.0, 1.0]]), h_t=t([[1.0, 0.0]]))
+    logits = [0.6 / 0.5, 0.0, -1.0 / 0.5, 0.8 / 0.5]
+    con = -math.log(math.exp(logits[0]) / sum(math.exp(x) for x in logits))
+    hn = -math.log(0.2)
+    p_t = softmax([0.8 / 0.25, 0.0 / 0.25])
+    p_s = softmax([0.6 / 0.5, 1.0 / 0.5])
+    rel = kl(p_t, p_s)
+    assert min(con, hn, rel) > 0.01  # every term contributes
+    assert out["rel"].item() == pytest.approx(rel, rel=1e-10)
+    assert out["loss"].item() == pytest.approx(0.7 * (con + 3.0 * hn) + 2.5 * rel, rel=1e-10)
+
+
+def test_relational_loss_batch_of_two_with_batch_prepended_by_hand():
+    """Bank = [h_T of the batch (2 rows), queue (1 row)]; KL averaged over the 2 rows."""
+    h_s = t([[0.6, 0.8], [1.0, 0.0]])
+    h_t = t([[1.0, 0.0], [0.0, 1.0]])
+    queue = t([[0.8, 0.6]])
+    bank = [[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]]
+    tau_s, tau_t = 0.5, 0.2
+
+    def dots(v):
+        return [v[0] * b[0] + v[1] * b[1] for b in bank]
+
+    expected = 0.0
+    for s_row, t_row in zip(h_s.tolist(), h_t.tolist()):
+        p_t = softmax([x / tau_t for x in dots(t_row)])
+        p_s = softmax([x / tau_s for x in dots(s_row)])
+        expected += kl(p_t, p_s) / 2
+    got = relational_loss(h_s, h_t, queue, tau_s=tau_s, tau_t=tau_t, include_batch=True)
+    assert got.item() == pytest.approx(expected, rel=1e-10)
 
 
 # ---------------------------------------------------------------- diagnostics

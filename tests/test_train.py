@@ -541,7 +541,7 @@ def test_head_lr_multiplies_the_new_layers_learning_rate():
 def test_head_init_fits_fc_to_the_teacher(tmp_path, train_images):
     from rdcd.images import list_images
     from rdcd.models.student import build_student
-    from rdcd.train import fit_head_to_teacher
+    from rdcd.train import fit_head_to_teacher, head_fit_views
 
     teacher = FrozenTeacher(tiny_torch_teacher())
     torch.manual_seed(0)
@@ -557,7 +557,8 @@ def test_head_init_fits_fc_to_the_teacher(tmp_path, train_images):
             return torch.nn.functional.cosine_similarity(h, teacher(views)).mean().item()
 
     before = cos_to_teacher()
-    fit = fit_head_to_teacher(net, teacher, paths, 48, 16, seed=0, device=torch.device("cpu"), ridge=1e-3)
+    pooled, h_t = head_fit_views(net, paths, 48, 16, seed=0, device=torch.device("cpu"), teacher=teacher)
+    fit = fit_head_to_teacher(net, pooled, h_t, ridge=1e-3)
     assert fit["images"] == 16  # the corrupt file is passed over
     assert fit["fit_cosine"] > 0.9
     assert cos_to_teacher() > max(0.5, before + 0.3)  # on other views too
@@ -568,8 +569,92 @@ def test_head_init_fits_fc_to_the_teacher(tmp_path, train_images):
     net2 = build_student("mobilenetv3_large_100", dim=8, kd_dim=24, input_size=48)
     net2.load_state_dict({k: v for k, v in net.state_dict().items()})
     torch.manual_seed(1)
-    fit_head_to_teacher(net2, teacher, paths, 48, 16, seed=0, device=torch.device("cpu"), ridge=1e-3)
+    fit_head_to_teacher(net2, *head_fit_views(net2, paths, 48, 16, seed=0, device=torch.device("cpu"),
+                                              teacher=teacher), ridge=1e-3)
     assert torch.equal(net2.fc.weight, net.fc.weight)
+
+
+def test_head_init_pcaw_makes_step_zero_the_pca_whitening_of_the_backbone(tmp_path, train_images):
+    """With feature_norm and head_init pcaw the untrained student's descriptor equals
+    rdcd.postprocess.PCAWhitening of its GeM features, fitted on the same views; fc's input is
+    standardised; no teacher is needed."""
+    from rdcd.images import list_images
+    from rdcd.models.student import build_student
+    from rdcd.postprocess import PCAWhitening
+    from rdcd.train import fit_feature_norm, fit_head_pcaw, head_fit_views
+
+    torch.manual_seed(0)
+    net = build_student("mobilenetv3_large_100", dim=6, kd_dim=12, input_size=48, feature_norm=True)
+    paths = list_images(train_images)
+    pooled, h_t = head_fit_views(net, paths, 48, 40, seed=0, device=torch.device("cpu"))
+    assert h_t is None and pooled.shape[0] == 40  # 17 decodable images, several views of each
+    assert len({tuple(r) for r in pooled.tolist()}) == 40  # new views in every round
+    features = fit_feature_norm(net, pooled)
+    assert torch.allclose(features.mean(0), torch.zeros(features.shape[1], dtype=features.dtype), atol=1e-4)
+    fit_head_pcaw(net, features)
+    with torch.no_grad():
+        h = net.fc(net.feature_norm(pooled.float()))
+        z = torch.nn.functional.normalize(net.projector(h), dim=1)
+    expected = PCAWhitening(6).fit(features.numpy()).transform(features.numpy())
+    assert np.allclose(z.numpy(), expected, atol=1e-3)
+    assert np.allclose(np.cov(h.numpy().T), np.eye(12), atol=1e-3)  # fc whitens
+    with pytest.raises(ValueError, match="more than 12 views"):
+        fit_head_pcaw(net, features[:12])
+
+
+def test_training_step_wiring(tmp_path, train_images):
+    """What reaches the losses and the queues: the teacher sees view x of each batch image (in
+    batch order); the teacher queue then holds those features normalised, the key queue the image
+    index of each key, batch after batch; the momentum keys are the key encoder's output."""
+    from rdcd.images import list_images
+
+    calls = []
+
+    class RecordingTeacher(TorchImageModel):
+        def to_input(self, images):  # FrozenTeacher's way in for a PyTorch teacher
+            calls.append(images.copy())
+            return super().to_input(images)
+
+    inner = tiny_torch_teacher()
+    teacher = RecordingTeacher(inner.module, dim=24, input_size=64, name="recording", channels_last=False)
+    config = tiny_config(train_images, tmp_path / "run", teacher, steps=3, checkpoint_every=3,
+                         loss=LossConfig(queue_size=12))
+    train(config)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    paths = list_images(train_images)
+    batches = list(SeededBatches(len(paths), 4, 0, 0, 3))
+    expected_ids = [i for batch in batches for _, i in batch]
+    key_ids = checkpoint["criterion"]["key_queue.ids"]
+    assert key_ids.tolist() == expected_ids  # 12 rows: 3 steps x 4, in order
+    assert checkpoint["criterion"]["teacher_queue.ids"].tolist() == expected_ids
+    # the teacher ran on the uint8 view x of exactly those images
+    dataset = TwoViewImages(paths, TwoViews(build_augmentation("light", 48, normalize=False)), 0)
+    assert len(calls) == 3
+    for step, batch in enumerate(batches):
+        views = torch.stack([dataset[item][1] for item in batch])
+        assert np.array_equal(calls[step], views.permute(0, 2, 3, 1).numpy())
+    features = np.concatenate([inner.embed(c) for c in calls])  # l2-normalised, as enqueued
+    assert np.allclose(checkpoint["criterion"]["teacher_queue.queue"].numpy(), features, atol=1e-5)
+
+
+def test_no_rel_is_teacher_free(tmp_path, train_images):
+    """--no-rel never runs the teacher and refuses a head fitted to it."""
+    calls = []
+
+    class CountingTeacher(TorchImageModel):
+        def to_input(self, images):
+            calls.append(len(images))
+            return super().to_input(images)
+
+    inner = tiny_torch_teacher()
+    teacher = CountingTeacher(inner.module, dim=24, input_size=64, name="counting", channels_last=False)
+    result = train(tiny_config(train_images, tmp_path / "run", teacher, steps=2, checkpoint_every=100,
+                               loss=LossConfig(queue_size=12, use_rel=False), head_init="pcaw",
+                               head_init_images=600, feature_norm=True))
+    assert result.model_path is not None and calls == []
+    with pytest.raises(ValueError, match="teacher-free"):
+        train(tiny_config(train_images, tmp_path / "run2", teacher, loss=LossConfig(use_rel=False),
+                          head_init="teacher"))
 
 
 def test_cli_short_budget_options_reach_the_config(tmp_path, train_images):

@@ -87,8 +87,10 @@ class TrainConfig:
     # short-budget options (off = the paper): see docs/training.md "Short CPU budgets"
     bn: str = "batch"  # "batch": batch statistics (paper); "frozen": batch norm keeps its running statistics
     head_lr: float = 1.0  # learning-rate multiplier for the student's fc and projector (the new layers)
-    head_init: str = "random"  # "random" (paper) or "teacher": fc fitted to the teacher, projector = PCA
-    head_init_images: int = 1024  # views used by head_init="teacher"
+    head_init: str = "random"  # "random" (paper); "teacher": fc fitted to the teacher, projector = PCA;
+    #                            "pcaw": the head whitens the student's own features (step 0 = PCA whitening)
+    head_init_images: int = 1024  # views used by head_init "teacher" / "pcaw" and by feature_norm
+    feature_norm: bool = False  # standardise the GeM features before fc (fitted on those views before step 1)
     loss: LossConfig = field(default_factory=LossConfig)
     seed: int = 0
     # how to run it (may change when resuming)
@@ -401,50 +403,107 @@ def sync_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
     return GlobalBatchNorm2d.convert(net)
 
 
-@torch.no_grad()
-def fit_head_to_teacher(student: StudentNet, teacher: "FrozenTeacher", paths: Sequence[Path], size: int,
-                        n_images: int, seed: int, device: torch.device, ridge: float = 1.0,
-                        batch_size: int = 32) -> dict:
-    """Initialise the student's new layers from the teacher instead of at random (``head_init="teacher"``).
+HEAD_INITS = ("random", "teacher", "pcaw")
 
-    On ``n_images`` light-augmented views of the training images: fc = ridge regression of the
-    teacher feature h_T on the GeM feature (penalty ``ridge`` x the mean feature variance per sample),
-    projector = the top-d principal directions of the fitted h_S, centred. The backbone is untouched.
-    Deterministic (seeded views, double precision). Returns diagnostics (cosine of the fit).
-    """
+
+def check_config(config: TrainConfig) -> None:
+    """Settings that contradict each other, refused before anything is loaded."""
+    if config.head_init not in HEAD_INITS:
+        raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, not {config.head_init!r}")
+    if not config.loss.use_rel and config.head_init == "teacher":
+        raise ValueError("--no-rel trains the teacher-free baseline, but --head-init teacher fits the head to the "
+                         "teacher: use --head-init random or pcaw")
+    if config.init and config.feature_norm:
+        raise ValueError("--feature-norm builds a new student's head; with --init the trained student keeps its own")
+
+
+def initialise_head(student: StudentNet, config: TrainConfig, teacher: "FrozenTeacher | None", paths: Sequence[Path],
+                    device: torch.device, threads: int, world: int) -> None:
+    """Before step 1 of a new run: fit the GeM standardisation (``feature_norm``) and the head
+    (``head_init`` teacher / pcaw) on ``head_init_images`` light views; a random head needs nothing."""
+    if config.head_init == "random" and not config.feature_norm:
+        return
+    fit_teacher = None
+    if config.head_init == "teacher":  # teacher_in_workers: load one here for the fit only
+        fit_teacher = teacher or FrozenTeacher(load_teacher(config.teacher, device, threads))
+    pooled, h_t = head_fit_views(student, paths, config.size, config.head_init_images, config.seed, device,
+                                 fit_teacher)
+    features = fit_feature_norm(student, pooled)
+    if config.head_init == "teacher":
+        fit = fit_head_to_teacher(student, features, h_t)
+        _log(f"rdcd train: head fitted to the teacher on {fit['images']} views (mean cosine {fit['fit_cosine']:.3f})")
+    elif config.head_init == "pcaw":
+        fit = fit_head_pcaw(student, features)
+        _log(f"rdcd train: head set to PCA whitening of the student's features on {fit['images']} views")
+    if config.feature_norm:
+        _log(f"rdcd train: GeM features standardised (statistics of {len(pooled)} views)")
+    if world > 1:  # every rank fitted the same seeded views; make the heads bit-identical anyway
+        for tensor in (*student.fc.parameters(), *student.projector.parameters(), *student.buffers()):
+            torch.distributed.broadcast(tensor.data, src=0)
+
+
+@torch.no_grad()
+def head_fit_views(student: StudentNet, paths: Sequence[Path], size: int, n_images: int, seed: int,
+                   device: torch.device, teacher: "FrozenTeacher | None" = None, batch_size: int = 32
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GeM features (before any standardisation, float64) of ``n_images`` light-augmented views of the
+    training images, and the teacher's features of the same views when a ``teacher`` is given.
+
+    The images are visited in a seeded order, again and again (new views each round) when there are
+    fewer images than views wanted; views come from epochs no training run reaches, so the fit never
+    sees a training view. Deterministic."""
     was_training = student.training
     student.eval()
     normalize = Normalize(student.config.mean, student.config.std, device, False)
     views = build_augmentation("light", size, normalize=False)
     order = np.random.default_rng([seed, 7_777]).permutation(len(paths))
-    target = []
+    pooled, targets, pending = [], [], []
 
-    def flush(pending: list) -> None:
+    def flush() -> None:
         batch = torch.stack(pending)
-        target.append((teacher(batch).to(device).double(),
-                       student.pool(student.backbone.forward_features(normalize(batch))).double()))
+        pooled.append(student.pooled(normalize(batch), standardized=False).double())
+        if teacher is not None:
+            targets.append(teacher(batch).to(device).double())
         pending.clear()
 
-    pending, used = [], 0
-    for index in order:
-        if used >= n_images:
-            break
-        try:
-            image = open_image(paths[index])
-        except ImageLoadError:
-            continue  # named by the training loop when it meets the file
-        pending.append(views(image, view_seed(seed, 10**9, int(index))))  # an epoch no training run reaches
-        used += 1
-        if len(pending) == batch_size:
-            flush(pending)
+    used, rounds = 0, 0
+    while used < n_images and rounds * len(paths) < 100 * n_images:  # the bound stops a pool of bad files
+        for index in order:
+            if used >= n_images:
+                break
+            try:
+                image = open_image(paths[index])
+            except ImageLoadError:
+                continue  # named by the training loop when it meets the file
+            pending.append(views(image, view_seed(seed, 10**9 + rounds, int(index))))
+            used += 1
+            if len(pending) == batch_size:
+                flush()
+        rounds += 1
     if pending:
-        flush(pending)
-    if not target:
-        raise RuntimeError("head_init='teacher': none of the training images could be decoded")
-    h_t = torch.cat([t for t, _ in target])
-    g = torch.cat([x for _, x in target])
-    mean = g.mean(0)
-    x = g - mean
+        flush()
+    student.train(was_training)
+    if not pooled:
+        raise RuntimeError("head initialisation: none of the training images could be decoded")
+    return torch.cat(pooled), (torch.cat(targets) if teacher is not None else None)
+
+
+@torch.no_grad()
+def fit_feature_norm(student: StudentNet, pooled: torch.Tensor) -> torch.Tensor:
+    """Fit the student's GeM standardisation (if it has one) on ``pooled``; returns fc's input."""
+    if not student.config.feature_norm:
+        return pooled
+    student.feature_norm.fit(pooled)
+    return student.feature_norm(pooled.to(student.feature_norm.mean)).double()
+
+
+@torch.no_grad()
+def fit_head_to_teacher(student: StudentNet, features: torch.Tensor, h_t: torch.Tensor, ridge: float = 1.0) -> dict:
+    """``head_init="teacher"``: fc = ridge regression of the teacher feature h_T on fc's input
+    ``features`` (penalty ``ridge`` x the mean feature variance per sample), projector = the top-d
+    principal directions of the fitted h_S, centred. Returns diagnostics (cosine of the fit)."""
+    mean = features.mean(0)
+    x = features - mean
     eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     w = torch.linalg.solve(x.T @ x + ridge * len(x) * x.var(0).mean() * eye, x.T @ h_t)  # (F, D_T)
     h = x @ w + h_t.mean(0)
@@ -459,9 +518,31 @@ def fit_head_to_teacher(student: StudentNet, teacher: "FrozenTeacher", paths: Se
     student.fc.bias.copy_(bias.float())
     student.projector.weight.copy_(proj.float())
     student.projector.bias.copy_((-proj @ h_mean).float())
-    student.train(was_training)
     cos = F.cosine_similarity(h, h_t, dim=1).mean().item()
-    return {"images": len(g), "fit_cosine": cos}
+    return {"images": len(features), "fit_cosine": cos}
+
+
+@torch.no_grad()
+def fit_head_pcaw(student: StudentNet, features: torch.Tensor) -> dict:
+    """``head_init="pcaw"``: fc = PCA whitening of its input ``features`` to kd_dim (centred,
+    unit variance per component, components by decreasing variance), projector = the first d of
+    those components. At step 0 the descriptor is then exactly PCA whitening of the student's own
+    features to d dimensions (``rdcd.postprocess.PCAWhitening``), the untrained baseline; no
+    teacher is involved."""
+    from .postprocess import PCAWhitening
+
+    kd, dim = student.fc.out_features, student.projector.out_features
+    if len(features) <= kd:
+        raise ValueError(f"head_init='pcaw' whitens to kd_dim {kd}: it needs more than {kd} views "
+                         f"(--head-init-images), got {len(features)}")
+    whitening = PCAWhitening(kd).fit(features.cpu().numpy())
+    projection = torch.from_numpy(whitening.projection_).double()  # (F, kd)
+    mean = torch.from_numpy(whitening.mean_).double()
+    student.fc.weight.copy_(projection.T.float())
+    student.fc.bias.copy_((-mean @ projection).float())
+    student.projector.weight.copy_(torch.eye(dim, kd))
+    student.projector.bias.zero_()
+    return {"images": len(features)}
 
 
 def upgrade_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
@@ -839,6 +920,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     if not config.output:
         raise ValueError("no output folder given (--output RUN_DIR)")
     output = Path(config.output)
+    check_config(config)
     if config.val_benchmark:
         check_benchmark(config.val_benchmark)
     checkpoint_path = output / "checkpoint.pt"
@@ -870,15 +952,15 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     workers = config.workers if config.workers is not None else max(1, threads // 2)
-    teacher_in_workers = config.teacher_in_workers and workers > 0 and device.type == "cpu"
-    teacher_model = load_teacher(config.teacher, device, threads)
-    teacher = FrozenTeacher(teacher_model, autocast_dtype)
-    teacher_dim = teacher.dim
+    # the teacher-free baseline (L_rel off) never runs the teacher; kd_dim then keeps its default
+    teacher_free = not config.loss.use_rel
+    teacher_in_workers = config.teacher_in_workers and workers > 0 and device.type == "cpu" and not teacher_free
+    teacher = None if teacher_free else FrozenTeacher(load_teacher(config.teacher, device, threads), autocast_dtype)
+    teacher_dim = StudentConfig.kd_dim if teacher is None else teacher.dim
     if teacher_in_workers:
         if isinstance(config.teacher, DescriptorModel):
             raise ValueError("teacher_in_workers needs the teacher as a name or file, which each worker loads")
-        del teacher, teacher_model  # the workers load their own; free this one before they fork
-        teacher = None
+        teacher = None  # the workers load their own; free this one before they fork
     if config.bn == "frozen" and not (config.pretrained or config.init):
         _log("rdcd train: warning: --bn frozen without pretrained weights keeps batch norm at its initial "
              "statistics (mean 0, variance 1), i.e. no normalisation; it is meant for ImageNet-initialised students")
@@ -898,23 +980,12 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             _log("rdcd train: --head-init teacher does not apply with --init: the heads come from the trained student")
     else:  # a new run, or a checkpoint written before checkpoints held the architecture
         student = build_student(config.student, dim=config.dim, kd_dim=teacher_dim, input_size=config.eval_size,
-                                pretrained=config.pretrained, name=f"rdcd-{config.student}-{config.dim}")
+                                pretrained=config.pretrained, name=f"rdcd-{config.student}-{config.dim}",
+                                feature_norm=config.feature_norm)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     student = student.to(device, memory_format=memory_format)
-    if config.head_init == "teacher" and checkpoint is None and not config.init:  # init: its heads are trained
-        if teacher is None:  # teacher_in_workers: load one here for the fit only
-            fit_teacher = FrozenTeacher(load_teacher(config.teacher, device, threads))
-        else:
-            fit_teacher = teacher
-        fit = fit_head_to_teacher(student, fit_teacher, paths, config.size, config.head_init_images,
-                                  config.seed, device)
-        del fit_teacher
-        if world > 1:  # every rank fitted the same seeded views; make the heads bit-identical anyway
-            for tensor in (*student.fc.parameters(), *student.projector.parameters()):
-                torch.distributed.broadcast(tensor.data, src=0)
-        _log(f"rdcd train: head fitted to the teacher on {fit['images']} views (mean cosine {fit['fit_cosine']:.3f})")
-    elif config.head_init not in ("random", "teacher"):
-        raise ValueError(f"head_init must be 'random' or 'teacher', not {config.head_init!r}")
+    if checkpoint is None and not config.init:  # init: its heads and standardisation are trained
+        initialise_head(student, config, teacher, paths, device, threads, world)
     key_encoder = copy.deepcopy(student).requires_grad_(False)  # plain BN: shuffled across ranks instead
     if world > 1:
         student = sync_batchnorm(student, device)
@@ -1038,11 +1109,13 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             skipped[path] = reason
         times["data"] = clock.lap()
 
-        if teacher is not None:  # ---------------------------------------- teacher on view x
-            h_t = teacher(batch.view1).to(device)
+        if teacher_free:  # ---------------------------------------------- teacher on view x
+            h_t, times["teacher"] = None, 0.0
+        elif teacher is not None:
+            h_t = teacher(batch.view1).to(device).float()
             times["teacher"] = clock.lap()
         else:  # computed by the data worker, alongside loading
-            h_t = batch.teacher_features.to(device)
+            h_t = batch.teacher_features.to(device).float()
             times["teacher"] = batch.teacher_seconds
 
         momentum_update(key_encoder, student, config.key_momentum)  # -- momentum student on view x'
@@ -1053,7 +1126,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
 
         with autocast:  # ---------------------------------------------- student on view x, loss, SGD
             h_s, z_s = features(normalize(batch.view1))
-        terms = criterion(z_s.float(), z_key, h_s.float(), h_t.float())
+        image_ids = batch.indices.to(device)
+        terms = criterion(z_s.float(), z_key, h_s.float(), h_t, image_ids)
         lr = optimizer.param_groups[0]["lr"]  # the backbone's (the head's is head_lr times it)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(terms["loss"]).backward()
@@ -1069,9 +1143,12 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             diagnostics = descriptor_stats(z_s_all, z_key_all, criterion.key_queue.features())
             diagnostics["eff_rank"] = effective_rank(z_s_all)
             # distillation progress: how close h_S comes to its own teacher feature (same 512-d space)
-            teacher_cos = F.cosine_similarity(h_s.detach().float(), h_t.float(), dim=1)
-            diagnostics["teacher_cos"] = du.concat_all_gather(teacher_cos).mean().item()
-        criterion.enqueue(z_key_all, du.concat_all_gather(h_t.float()))
+            if h_t is not None:
+                teacher_cos = F.cosine_similarity(h_s.detach().float(), h_t, dim=1)
+                diagnostics["teacher_cos"] = du.concat_all_gather(teacher_cos).mean().item()
+        # keys, teacher features and image ids of the global batch, in rank order (encode_keys' order)
+        criterion.enqueue(z_key_all, None if h_t is None else du.concat_all_gather(h_t),
+                          du.concat_all_gather(image_ids))
         times["student"] = clock.lap()
         times["step"] = clock.last - step_start  # wall time; validation and checkpoints not included
 
@@ -1099,7 +1176,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
                 _log(f"step {step:>6}/{schedule.total_steps}  ep {row['epoch']:.2f}  lr {lr:.4g}  "
                      + "  ".join(f"{k} {row[k]:.4f}" for k in names)
                      + f"  pos {row['pos_cos']:.3f}  hardest {row['hardest_neg_cos']:.3f}  rank {row['eff_rank']:.1f}"
-                     + f"  cos(h_S,h_T) {row['teacher_cos']:.3f}"
+                     + (f"  cos(h_S,h_T) {row['teacher_cos']:.3f}" if "teacher_cos" in row else "")
                      + f"  | {row['images_per_s']:.1f} img/s  "
                      + "  ".join(f"{k} {row[f't_{k}']:.2f}s" for k in TIME_KEYS))
             window = {k: 0.0 for k in window}

@@ -53,10 +53,15 @@ def register(subparsers) -> None:
     g.add_argument("--head-lr", type=float, default=d.head_lr,
                    help="learning-rate multiplier for the layers outside the backbone: fc, projector and GeM p "
                         "(default: %(default)s)")
-    g.add_argument("--head-init", choices=["random", "teacher"], default=d.head_init,
-                   help="random (paper), or teacher: fit fc to the teacher by ridge regression and set the projector "
-                        "to the principal directions, on --head-init-images views, before step 1 (default: %(default)s)")
+    g.add_argument("--head-init", choices=["random", "teacher", "pcaw"], default=d.head_init,
+                   help="random (paper); teacher: fit fc to the teacher by ridge regression and set the projector "
+                        "to the principal directions; pcaw: fc whitens the student's own features and the "
+                        "projector keeps the top --dim components, so step 0 is PCA whitening of the backbone "
+                        "(no teacher); fitted on --head-init-images views before step 1 (default: %(default)s)")
     g.add_argument("--head-init-images", type=int, default=d.head_init_images)
+    g.add_argument("--feature-norm", action="store_true",
+                   help="standardise the GeM features before fc (statistics of --head-init-images views, saved "
+                        "in the model), so SGD can train the head at the backbone's learning rate")
 
     g = p.add_argument_group("losses")
     g.add_argument("--queue-size", type=int, default=dl.queue_size, help="key and teacher queues (default: %(default)s)")
@@ -70,6 +75,11 @@ def register(subparsers) -> None:
     g.add_argument("--tau-t", type=float, default=dl.tau_t)
     g.add_argument("--no-rel-batch", action="store_true",
                    help="leave the current batch's teacher features out of the relational bank")
+    g.add_argument("--no-mask-same-image", action="store_true",
+                   help="count queued keys of the query's own image as negatives of L_con / L_hn (off by default: "
+                        "on a small training set the queue holds earlier views of most images)")
+    g.add_argument("--rel-mask-same-image", action="store_true",
+                   help="also leave queued teacher features of the query's own image out of L_rel's bank")
 
     g = p.add_argument_group("running")
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
@@ -98,6 +108,7 @@ def config_from_args(args):
         lambda_con=args.lambda_con, lambda_hn=args.lambda_hn, lambda_rel=args.lambda_rel,
         use_con=not args.no_con, use_hn=not args.no_hn, use_rel=not args.no_rel,
         tau_con=args.tau_con, tau_s=args.tau_s, tau_t=args.tau_t, rel_include_batch=not args.no_rel_batch,
+        mask_same_image=not args.no_mask_same_image, rel_mask_same_image=args.rel_mask_same_image,
         queue_size=args.queue_size)
     return TrainConfig(
         data=args.data, output=args.output, teacher=args.teacher, student=args.student, pretrained=args.pretrained,
@@ -106,7 +117,7 @@ def config_from_args(args):
         epochs=args.epochs, steps=args.steps, warmup_epochs=args.warmup_epochs, warmup_steps=args.warmup_steps,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         key_momentum=args.key_momentum, bn=args.bn, head_lr=args.head_lr,
-        head_init=args.head_init, head_init_images=args.head_init_images, loss=loss, seed=args.seed, workers=args.workers,
+        head_init=args.head_init, head_init_images=args.head_init_images, feature_norm=args.feature_norm, loss=loss, seed=args.seed, workers=args.workers,
         teacher_in_workers=args.teacher_in_workers, threads=args.threads, amp=args.amp, log_every=args.log_every,
         checkpoint_every=args.checkpoint_every, val_benchmark=args.val_benchmark, val_every=args.val_every,
         stop_at=args.stop_at, tensorboard=not args.no_tensorboard)

@@ -1,7 +1,12 @@
 """The RDCD student: a timm backbone, GeM pooling, a linear layer to kd_dim, and a projector.
 
-    image -> backbone (timm, no pooling, no classifier) -> GeM(p) -> Linear(C, kd_dim) = h_S
+    image -> backbone (timm, no pooling, no classifier) -> GeM(p) [-> standardise] -> Linear(C, kd_dim) = h_S
           -> Linear(kd_dim, dim) -> L2 norm = z_S (the descriptor)
+
+``feature_norm`` (off in older files): the GeM features are large and far from centred, so an SGD
+step sized for the backbone barely moves fc, and one sized for fc wrecks it; a fixed per-channel
+standardisation (mean and scale fitted on training views before step 1, saved with the weights)
+gives fc a well-conditioned input.
 
 h_S (un-normalised) feeds the relational distillation loss, z_S is what inference returns.
 GeM's p is fixed at 3 by default, as in SSCD's teacher, so the student pools the way the teacher
@@ -42,6 +47,7 @@ class StudentConfig:
     # residual backbone blocks removed ("stage.index" in the full timm architecture, e.g. "5.1"): a
     # shallower, faster student made from a trained one (rdcd train --init M --drop-blocks ...)
     drop_blocks: tuple[str, ...] = ()
+    feature_norm: bool = False  # standardise the GeM features before fc (FeatureStandardizer)
     extra: dict = field(default_factory=dict)  # free-form provenance (training run, teacher, ...)
 
     @classmethod
@@ -75,6 +81,24 @@ class GeM(nn.Module):
         return x.mean(dim=(2, 3)).pow(1.0 / self.p)
 
 
+class FeatureStandardizer(nn.Module):
+    """(x - mean) * scale per channel, with fixed buffers (fitted by ``fit``, saved in the state dict)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("scale", torch.ones(channels))
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, eps: float = 1e-6) -> "FeatureStandardizer":
+        self.mean.copy_(features.mean(0).to(self.mean))
+        self.scale.copy_(1.0 / (features.std(0).to(self.scale) + eps))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) * self.scale
+
+
 class StudentNet(nn.Module):
     def __init__(self, config: StudentConfig, pretrained: bool = False):
         super().__init__()
@@ -88,12 +112,19 @@ class StudentNet(nn.Module):
         self.block_names = drop_residual_blocks(self.backbone, config.drop_blocks, config.backbone)
         _drop_unused_head(self.backbone)
         self.pool = GeM(config.gem_p, learnable=config.gem_learnable)
+        if config.feature_norm:
+            self.feature_norm = FeatureStandardizer(self.backbone.num_features)
         self.fc = nn.Linear(self.backbone.num_features, config.kd_dim)
         self.projector = nn.Linear(config.kd_dim, config.dim)
 
+    def pooled(self, x: torch.Tensor, standardized: bool = True) -> torch.Tensor:
+        """The input of fc: GeM-pooled backbone features (standardised where the model does)."""
+        g = self.pool(self.backbone.forward_features(x))
+        return self.feature_norm(g) if standardized and self.config.feature_norm else g
+
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (h_S un-normalised, z_S unit-norm descriptor)."""
-        h = self.fc(self.pool(self.backbone.forward_features(x)))
+        h = self.fc(self.pooled(x))
         z = F.normalize(self.projector(h), dim=1)
         return h, z
 
@@ -264,8 +295,9 @@ def save_student(net: StudentNet, path: str | os.PathLike, half: bool = False) -
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in net.state_dict().items()}
     config = dataclasses.asdict(net.config)
-    if not config["drop_blocks"]:  # full-depth files stay readable by rdcd versions without the field
-        del config["drop_blocks"]
+    for optional in ("drop_blocks", "feature_norm"):  # files without them stay readable by older rdcd versions
+        if not config[optional]:
+            del config[optional]
     payload = {"format": FILE_FORMAT, "version": FILE_VERSION, "config": config, "state_dict": state}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
