@@ -50,6 +50,25 @@ def test_every_shipped_card_is_registered_and_loads():
     assert models.model_file("rdcd-default") is not None
 
 
+def test_the_shipped_projection_runs_the_peer_unmodified_and_names_its_terms():
+    """sscd-distilled-pcaw128 = the installed sscd-distilled network at 160 px, then the shipped
+    projection: its descriptors equal that computation; its card carries the peer's licence terms."""
+    from rdcd.models.projected import ProjectedModel
+    from rdcd.postprocess import PCAWhitening
+
+    card = card_for("sscd-distilled-pcaw128")
+    assert card["base"] == "sscd-distilled" and card["dim"] == 128 and card["input_size"] == 160
+    assert "unmodified as a dependency" in card["licence"]
+    assert "unmodified as a dependency" in (WEIGHTS_DIR / "sscd-distilled-pcaw128.md").read_text()
+    model = models.load_model("sscd-distilled-pcaw128")
+    assert isinstance(model, ProjectedModel) and model.name == "sscd-distilled-pcaw128"
+    images = np.stack([np.asarray(picture(i).convert("RGB").resize((160, 160))) for i in range(4)])
+    peer = models.load_model("sscd-distilled", input_size=160)
+    expected = PCAWhitening.load(WEIGHTS_DIR / card["file"]).transform(peer.embed(images))
+    assert np.allclose(model.embed(images), expected, atol=1e-6)
+    assert not list(WEIGHTS_DIR.glob("*.onnx")) or all("int8" in p.name for p in WEIGHTS_DIR.glob("*.onnx"))
+
+
 def test_every_shipped_model_has_its_int8_file_made_from_its_weights():
     """rdcd extract runs these on a CPU by default: each must exist, match its .pt (sha256), give
     descriptors close to fp32 here, and its card must record parity >= 0.99 on real images and uAP
@@ -58,7 +77,9 @@ def test_every_shipped_model_has_its_int8_file_made_from_its_weights():
     from rdcd.models.teachers import OnnxModel
 
     images = np.stack([np.asarray(picture(i).convert("RGB").resize((160, 160))) for i in range(16)])
-    for card in shipped_cards():
+    students = [card for card in shipped_cards() if card["file"].endswith(".pt")]
+    assert len(students) == 4
+    for card in students:
         path, why_not = int8_file(card)
         assert path is not None, f"{card['name']}: {why_not}"
         assert path.stat().st_size < 40e6

@@ -168,15 +168,33 @@ def run_bench(
     if repeated:
         raise ValueError(f"model {repeated[0]!r} is listed twice; list each model once")
     bench = BenchmarkFolder.read(benchmark_dir)
-    return [_bench_one(model, bench, k, size, batch_size, report_dir, progress, precision, draft) for model in models]
+    embedded: dict = {}  # (base model, size) -> (model, how, sets): projections of one base share its embedding
+    return [_bench_one(model, bench, k, size, batch_size, report_dir, progress, precision, draft, embedded)
+            for model in models]
 
 
 def _bench_one(spec, bench: BenchmarkFolder, k: int, size: int | None, batch_size: int,
-               report_dir, progress: bool, precision: str = "auto", draft: bool = True) -> dict:
-    model, how = _load_seeded(spec, precision)
+               report_dir, progress: bool, precision: str = "auto", draft: bool = True,
+               embedded: dict | None = None) -> dict:
+    from rdcd.models.projected import parse_projection
+
+    projection = parse_projection(spec)  # BASE+pcawDIM: fitted on the benchmark's train/ images
+    base_spec = projection.base_spec if projection else spec
+    key = (str(base_spec), size)
+    if embedded is not None and key in embedded:
+        model, how, sets = embedded[key]
+    else:
+        model, how = _load_seeded(base_spec, precision)
+        log.info("bench: %s", base_spec)
+        sets = embed_benchmark(model, bench, size=size, batch_size=batch_size, progress=progress, draft=draft)
+        if embedded is not None and isinstance(base_spec, (str, os.PathLike)):
+            embedded[key] = (model, how, sets)
     label = spec if isinstance(spec, (str, os.PathLike)) else model.name
-    log.info("bench: %s", label)
-    sets = embed_benchmark(model, bench, size=size, batch_size=batch_size, progress=progress, draft=draft)
+    dim, stored_bytes = int(model.dim), bytes_per_image(model)
+    if projection is not None:
+        sets, how = project_sets(sets, projection), f"{how}, then {'PCA whitening' if projection.whiten else 'PCA'} " \
+            f"to {projection.dim} dims fitted on {len(sets['train'].ids)} train/ images"
+        dim, stored_bytes = projection.dim, 4 * projection.dim
     timed = (sets["queries"], sets["references"])
     n_timed = sum(len(s.ids) + len(s.failures) for s in timed)
     seconds = sum(s.seconds for s in timed)
@@ -184,8 +202,8 @@ def _bench_one(spec, bench: BenchmarkFolder, k: int, size: int | None, batch_siz
     result = {
         "model": str(label),
         "runtime": how,
-        "dim": int(model.dim),
-        "bytes_per_image": bytes_per_image(model),
+        "dim": dim,
+        "bytes_per_image": stored_bytes,
         "input_size": int(size or model.input_size),
         "images_per_second": n_timed / seconds if seconds > 0 else None,
         "extract_seconds": seconds,
@@ -230,6 +248,16 @@ def embed_benchmark(model, bench: BenchmarkFolder, size: int | None = None, batc
 
     return {name: extract(model, paths, size=size, batch_size=batch_size, progress=progress, draft=draft)
             for name, paths in (("queries", bench.queries), ("references", bench.references), ("train", bench.train))}
+
+
+def project_sets(sets: dict, projection) -> dict:
+    """Embedded benchmark sets reduced by a projection spec's PCA (whitening), fitted on their train/ set."""
+    import dataclasses
+
+    from rdcd.postprocess import PCAWhitening
+
+    fitted = PCAWhitening(projection.dim, whiten=projection.whiten).fit(sets["train"].vectors)
+    return {name: dataclasses.replace(result, vectors=fitted.transform(result.vectors)) for name, result in sets.items()}
 
 
 def benchmark_predictions(sets: dict, k: int, score_norm: bool, beta: float = SCORE_NORM_BETA):

@@ -87,7 +87,7 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
             size: int | None = None, batch_size: int = 32, workers: int | None = None, strict: bool = False,
             chunk_size: int = 1024, progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
             draft: bool = True, resume: bool = True, runtime: str = "auto",
-            prefetch: bool = True, precision: str = "auto") -> ExtractResult:
+            prefetch: bool = True, precision: str = "auto", background=None) -> ExtractResult:
     """Embed every image of a folder / file list / list of paths with ``model``.
 
     Writes ``output`` (``.h5`` DISC2021 layout or ``.npy`` + ids) when given, and the failures CSV
@@ -104,12 +104,20 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
     image keeps both sides >= ``size`` (``open_image``); 3x faster decoding of camera-sized JPEGs,
     same devbench uAP (docs/bench_inference.md); ``False`` decodes every pixel first.
 
+    ``background``: for a projection spec (``BASE+pcawDIM``, ``rdcd.models.projected``), the images
+    its PCA (whitening) is fitted on; the fitted projection is cached and reused.
+
     ``workers``: decoding processes (default: none on <= 2 cores, where a process competes with the
     model's threads). Without workers, ``prefetch`` decodes the next batch in a thread while the model
     embeds this one (Pillow and the runtimes release the GIL).
     """
     du.init_distributed()
     torch.set_num_threads(du.cpu_threads_per_process())
+    from .models.projected import resolve_projection
+
+    # BASE+pcawDIM: the projection fitted on ``background`` images (or reused from the cache) first
+    model = resolve_projection(model, background, precision=precision, draft=draft, batch_size=batch_size,
+                               progress=progress)
     model, how = prepare_model(model, runtime, precision)
     if progress and du.is_main():
         print(f"rdcd: {how}", file=sys.stderr)
@@ -315,8 +323,9 @@ def prepare_model(model: str | os.PathLike | DescriptorModel, runtime: str = "au
                          providers=["CPUExecutionProvider"])
         return fast, (f"{card['name']} runs with ONNX Runtime int8 on the CPU (shipped file {int8.name}; "
                       "--precision fp32 for the fp32 weights)")
-    if not isinstance(model, DescriptorModel) and model_file(model) is not None:
-        model = model_file(model)  # a shipped student: its file, which may run in ONNX Runtime
+    shipped = None if isinstance(model, DescriptorModel) else model_file(model)
+    if shipped is not None and shipped.suffix != ".npz":
+        model = shipped  # a shipped student: its file, which may run in ONNX Runtime
     from_file = not isinstance(model, DescriptorModel) and Path(model).is_file()
     return choose_runtime(resolve_model(model), runtime, from_file, du.cpu_threads_per_process())
 

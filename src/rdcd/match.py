@@ -168,7 +168,11 @@ def match(
         log.info("score normalisation: beta %g, ranks %d..%d", beta, *ranks)
     if embeds:
         from rdcd.extract import prepare_model
+        from rdcd.models.projected import resolve_projection
 
+        # BASE+pcawDIM: its projection is fitted on the background images (cached)
+        model = resolve_projection(model, background if background is not None and is_image_source(background)
+                                   else None, precision=precision, draft=draft)
         # load once (every image set must be embedded by the same weights), keeping extract's runtime choice
         model, how = prepare_model(model, precision=precision)
         config.runtime, config.draft = how, draft

@@ -38,10 +38,12 @@ def _load_npz(path: str | os.PathLike, kind: str) -> dict:
 
 
 class PCAWhitening:
-    """PCA whitening to ``dim`` dimensions followed by L2 normalisation."""
+    """PCA whitening to ``dim`` dimensions followed by L2 normalisation; ``whiten=False``: plain PCA
+    (centre and project, no scaling)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, whiten: bool = True):
         self.dim = int(dim)
+        self.whiten_components = bool(whiten)
         self.mean_: np.ndarray | None = None
         self.projection_: np.ndarray | None = None  # (input dim, self.dim): components / sqrt(variance)
 
@@ -70,7 +72,8 @@ class PCAWhitening:
         # Fix each component's sign (largest coordinate positive) so refits give identical outputs.
         signs = np.sign(components[np.abs(components).argmax(axis=0), np.arange(self.dim)])
         self.mean_ = mean.astype(np.float32)
-        self.projection_ = (components * signs / np.sqrt(variances)).astype(np.float32)
+        scale = 1.0 / np.sqrt(variances) if self.whiten_components else 1.0
+        self.projection_ = (components * signs * scale).astype(np.float32)
         return self
 
     def whiten(self, x: np.ndarray) -> np.ndarray:
@@ -86,15 +89,18 @@ class PCAWhitening:
     def fit_transform(self, background: np.ndarray) -> np.ndarray:
         return self.fit(background).transform(background)
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, meta: str | None = None) -> Path:
+        """One ``.npz``; ``meta``: a text stored with it (rdcd.models.projected keeps its model record there)."""
         if self.projection_ is None:
             raise RuntimeError("PCAWhitening is not fitted; nothing to save")
-        return _save_npz(path, kind=np.array("PCAWhitening"), mean=self.mean_, projection=self.projection_)
+        extra = {} if meta is None else {"meta": np.array(meta)}
+        return _save_npz(path, kind=np.array("PCAWhitening"), mean=self.mean_, projection=self.projection_,
+                         whiten=np.array(self.whiten_components), **extra)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PCAWhitening":
         f = _load_npz(path, "PCAWhitening")
-        whitening = cls(f["projection"].shape[1])
+        whitening = cls(f["projection"].shape[1], bool(f["whiten"]) if "whiten" in f else True)
         whitening.mean_, whitening.projection_ = f["mean"], f["projection"]
         return whitening
 

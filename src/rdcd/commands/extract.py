@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime"], default="auto",
                    help="auto (default): a PyTorch model file on the CPU runs through ONNX Runtime, exported once "
                         "and cached (same descriptors, faster); torch: keep PyTorch")
+    p.add_argument("--background", default=None,
+                   help="with --model BASE+pcawDIM (or +pcaDIM): images to fit the projection on, unrelated to the "
+                        "references (e.g. training images); fitted once, cached and reused")
     add_embedding_arguments(p)
     p.set_defaults(func=run)
 
@@ -37,7 +40,8 @@ def run(args) -> int:
     result = extract(args.model, args.images, output=args.output, size=args.size, batch_size=args.batch_size,
                      workers=args.workers, strict=args.strict, chunk_size=args.chunk_size,
                      resume=not args.no_resume, draft=not args.exact_decode,
-                     runtime=args.runtime, prefetch=not args.no_prefetch, precision=args.precision)
+                     runtime=args.runtime, prefetch=not args.no_prefetch, precision=args.precision,
+                     background=args.background)
     if result.ids:
         print(f"rdcd: {len(result.ids)} descriptors ({result.vectors.shape[1]}-d, {result.model}) -> {args.output}; "
               f"{result.images_per_second:.1f} images/s", file=sys.stderr)

@@ -33,6 +33,12 @@ def run(args) -> int:
     print(f"{'name':<{width}}  {'dim':>4}  description")
     for name, dim, desc in rows:
         print(f"{name:<{width}}  {dim:>4}  {desc}")
-    print("\nAlso: student:BACKBONE[:DIM] (an untrained student on any timm backbone) and model files "
-          "(.onnx, rdcd .pt, SSCD .torchscript.pt / .torchvision.pt).")
+    print("\nAlso:\n"
+          "  NAME@SIZE            any model at SIZE px input (e.g. sscd-distilled@160)\n"
+          "  BASE+pcawDIM         BASE reduced to DIM floats by PCA whitening (+pcaDIM: plain PCA), fitted on\n"
+          "                       --background images (rdcd bench: the benchmark's train/), cached and reused;\n"
+          "                       e.g. sscd+pcaw128, sscd-distilled@160+pcaw64\n"
+          "  student:BACKBONE[:DIM]  an untrained student on any timm backbone\n"
+          "  gem:BACKBONE         a backbone's GeM features, no head (ImageNet weights where shipped offline)\n"
+          "  model files          .onnx, rdcd .pt, fitted projections .npz, SSCD .torchscript.pt / .torchvision.pt")
     return 0

@@ -89,22 +89,34 @@ def list_models() -> dict[str, RegistryEntry]:
 def load_model(model: str | os.PathLike | DescriptorModel, **kwargs) -> DescriptorModel:
     """Resolve a registry name, a ``student:BACKBONE[:DIM]`` spec, or a model file to a DescriptorModel.
 
-    ``student:tf_efficientnet_lite0:128`` builds an untrained student (ImageNet-initialised where
+    ``NAME@SIZE`` runs a model at SIZE px; ``BASE[@SIZE]+pcaw|pcaDIM`` reduces it with a projection
+    fitted on ``background=`` images (``rdcd.models.projected``); ``gem:BACKBONE`` is a backbone's
+    GeM features without a head. ``student:tf_efficientnet_lite0:128`` builds an untrained student (ImageNet-initialised where
     offline weights exist) for baselines and tests. Keyword arguments (``input_size``, ``device``
     ...) go to the model's constructor.
     """
     if isinstance(model, DescriptorModel):
         return model
+    background = kwargs.pop("background", None)  # only projection specs use it
     spec = str(model)
     if spec in MODEL_REGISTRY:
         return MODEL_REGISTRY[spec].factory(**kwargs)
+    from .projected import parse_projection, parse_sized, resolve_projection
+
+    if parse_projection(spec) is not None:
+        return load_model_file(resolve_projection(spec, background), **kwargs)
+    sized = parse_sized(spec)
+    if sized is not None:
+        return load_model(sized[0], **{**kwargs, "input_size": sized[1]})
     if spec.startswith("student:"):
         return _untrained_student(spec, **kwargs)
+    if spec.startswith("gem:"):
+        return _backbone_gem(spec, **kwargs)
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(
-            f"model {spec!r} is neither a known name ({', '.join(sorted(MODEL_REGISTRY))}, student:BACKBONE[:DIM]) "
-            "nor an existing file; `rdcd models` lists the names"
+            f"model {spec!r} is neither a known name ({', '.join(sorted(MODEL_REGISTRY))}, student:BACKBONE[:DIM], "
+            "gem:BACKBONE, NAME@SIZE, NAME+pcawDIM) nor an existing file; `rdcd models` lists the names"
         )
     return load_model_file(path, **kwargs)
 
@@ -120,6 +132,17 @@ def _untrained_student(spec: str, input_size: int | None = None, device="cpu", *
     return StudentModel(net, device=device)
 
 
+def _backbone_gem(spec: str, input_size: int | None = None, device="cpu", **kwargs) -> DescriptorModel:
+    """``gem:BACKBONE``: the backbone's GeM-pooled features, L2-normalised, no head (ImageNet weights
+    where they exist offline): the untrained starting point of a student, as a baseline."""
+    from .student import OFFLINE_PRETRAINED, GeMFeatures, TorchImageModel, build_student
+
+    backbone = spec.split(":", 1)[1]
+    net = build_student(backbone, input_size=input_size or 288, pretrained=backbone in OFFLINE_PRETRAINED, name=spec)
+    return TorchImageModel(GeMFeatures(net), dim=net.backbone.num_features, input_size=net.config.input_size,
+                           mean=net.config.mean, std=net.config.std, name=spec, device=device)
+
+
 def load_model_file(path: str | os.PathLike, **kwargs) -> DescriptorModel:
     import torch
 
@@ -129,6 +152,10 @@ def load_model_file(path: str | os.PathLike, **kwargs) -> DescriptorModel:
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         return OnnxModel(path, **kwargs)
+    if path.suffix.lower() == ".npz":
+        from .projected import load_projected
+
+        return load_projected(path, **kwargs)
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as fh:
             head = fh.read(16)

@@ -1,6 +1,8 @@
 """Trained models that ship inside the package (``rdcd/weights/``), each with a model card.
 
-Each shipped model is three files in ``rdcd/weights/``: ``NAME.pt`` (an rdcd student file),
+Each shipped model is three files in ``rdcd/weights/``: ``NAME.pt`` (an rdcd student file) or
+``NAME.npz`` (a projection fitted on another model's outputs, ``rdcd.models.projected``; its card's
+``base`` names the model it runs and ``licence`` that model's terms),
 ``NAME.json`` (machine-readable card: dimension, input size, calibrated thresholds, whether it is
 the default) and ``NAME.md`` (the model card for people: data, command, steps, results); and,
 where the card has an ``int8`` entry, ``NAME.int8.onnx``: the same model quantised to int8 for
@@ -131,7 +133,11 @@ def register_shipped(folder: str | os.PathLike = WEIGHTS_DIR, strict: bool = Fal
 
     names = []
     for card in shipped_cards(folder, strict=strict):
-        def factory(_path=card["path"], **kwargs):
+        def factory(_path=card["path"], _name=card["name"], **kwargs):
+            if _path.endswith(".npz"):  # a projection model: the card names it
+                from .projected import load_projected
+
+                return load_projected(_path, name=_name, **kwargs)
             return load_model_file(_path, **kwargs)
 
         description = card.get("description", f"shipped RDCD student ({card['dim']}-d)")

@@ -132,6 +132,17 @@ class StudentNet(nn.Module):
         return self.forward_features(x)[1]
 
 
+class GeMFeatures(nn.Module):
+    """A student's GeM-pooled backbone features (fc's input, standardised where the student does), no head."""
+
+    def __init__(self, net: StudentNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.pooled(x)
+
+
 def residual_block_names(backbone: nn.Module) -> list[str]:
     """"stage.index" of each block of a timm EfficientNet/MobileNet-style backbone (``backbone.blocks``,
     a sequence of stages) whose output adds its input (a skip connection): the blocks that can be
