@@ -797,3 +797,32 @@ def test_train_init_errors_say_what_is_wrong(tmp_path, train_images, capsys, ext
              for e in extra]
     assert main(tiny_args(train_images, tmp_path / "second", teacher, "--steps", "1", *extra)) != 0
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_max_seconds_stops_with_a_checkpoint_and_resume_finishes(tmp_path, train_images):
+    teacher = tiny_torch_teacher()
+    stopped = train(tiny_config(train_images, tmp_path / "run", teacher, steps=4, checkpoint_every=100,
+                                max_seconds=0.0))
+    assert stopped.step == 1 and stopped.model_path is None  # the first log row finds the budget spent
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    finished = train(tiny_config(train_images, tmp_path / "run", teacher, steps=4, checkpoint_every=100), resume=True)
+    assert finished.step == 4 and finished.model_path is not None
+
+
+@pytest.mark.slow
+def test_gpu_script_trains_then_resumes_from_the_copied_run(tmp_path, train_images):
+    """scripts/gpu_train.sh with 2 of 4 steps (here on the CPU), then again from the copied run folder."""
+    onnx_teacher = tiny_onnx_teacher(tmp_path / "teacher.onnx")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_train.sh"
+    env = dict(os.environ, DATA=str(train_images), TEACHER=str(onnx_teacher), STEPS="4", BATCH="4", WORKERS="1",
+               SIZE="64", BUDGET="600", EXTRA="--stop-at 2 --queue-size 16 --head-init-images 32")
+    first = subprocess.run(["bash", str(script)], env=dict(env, OUT=str(tmp_path / "a")), capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (tmp_path / "a" / "run" / "checkpoint.pt").exists() and not (tmp_path / "a" / "run" / "model.pt").exists()
+    env["EXTRA"] = "--queue-size 16 --head-init-images 32"
+    second = subprocess.run(["bash", str(script)], env=dict(env, OUT=str(tmp_path / "b"),
+                                                           RESUME=str(tmp_path / "a" / "run")),
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed" in second.stdout and (tmp_path / "b" / "run" / "model.pt").exists()

@@ -105,6 +105,7 @@ class TrainConfig:
     val_every: int = 1000
     val_batch_size: int = 32
     stop_at: int | None = None  # end this invocation after this step (schedule unchanged); --resume continues
+    max_seconds: float | None = None  # end this invocation (checkpoint written) once training ran this long
     tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
 
     @classmethod
@@ -120,7 +121,8 @@ class TrainConfig:
 
 #: fields that say how to run, not what to compute: a resumed run may change them
 RUN_CONTROL_FIELDS = {"workers", "teacher_in_workers", "threads", "log_every", "checkpoint_every",
-                      "val_benchmark", "val_every", "val_batch_size", "stop_at", "tensorboard", "output"}
+                      "val_benchmark", "val_every", "val_batch_size", "stop_at", "max_seconds", "tensorboard",
+                      "output"}
 
 
 @dataclass
@@ -954,7 +956,10 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     workers = config.workers if config.workers is not None else max(1, threads // 2)
     # the teacher-free baseline (L_rel off) never runs the teacher; kd_dim then keeps its default
     teacher_free = not config.loss.use_rel
-    teacher_in_workers = config.teacher_in_workers and workers > 0 and device.type == "cpu" and not teacher_free
+    # an ONNX teacher runs on the CPU cores even beside a GPU: in the data workers it overlaps the student
+    onnx_teacher = not str(config.teacher).startswith("student:") and not str(config.teacher).endswith((".pt", ".pth"))
+    teacher_in_workers = (config.teacher_in_workers and workers > 0 and not teacher_free
+                          and (device.type == "cpu" or onnx_teacher))
     teacher = None if teacher_free else FrozenTeacher(load_teacher(config.teacher, device, threads), autocast_dtype)
     teacher_dim = StudentConfig.kd_dim if teacher is None else teacher.dim
     if teacher_in_workers:
@@ -1097,6 +1102,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     last_row: dict = {}
     batches = iter(loader)
     step = start_step
+    loop_start = time.perf_counter()
     autocast = torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
     for step in range(start_step + 1, stop_step + 1):
         clock.lap()
@@ -1184,8 +1190,13 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
 
         if config.val_benchmark and (step % config.val_every == 0 or step == schedule.total_steps):
             validate_now(step)
-        if step % config.checkpoint_every == 0 or step == stop_step:
+        out_of_time = log_now and config.max_seconds is not None and any(
+            du.all_gather_objects(time.perf_counter() - loop_start > config.max_seconds))  # every rank stops together
+        if step % config.checkpoint_every == 0 or step == stop_step or out_of_time:
             checkpoint_now(step)
+        if out_of_time:
+            _log(f"rdcd train: {config.max_seconds:g} s of training used (max_seconds); stopping at step {step}")
+            break
     del batches
 
     # ---------------------------------------------------------------- finish

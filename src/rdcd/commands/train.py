@@ -85,6 +85,9 @@ def register(subparsers) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
     g.add_argument("--stop-at", type=int, default=None,
                    help="end this invocation after step N (checkpoint written; schedule unchanged)")
+    g.add_argument("--max-seconds", type=float, default=None,
+                   help="end this invocation once it has trained this long (checked at each log row; checkpoint "
+                        "written; --resume continues), e.g. to fit a time-boxed machine")
     g.add_argument("--workers", type=int, default=None, help="data loading processes per process")
     g.add_argument("--teacher-in-workers", action="store_true",
                    help="run the (CPU) teacher inside the data loading processes")
@@ -120,7 +123,7 @@ def config_from_args(args):
         head_init=args.head_init, head_init_images=args.head_init_images, feature_norm=args.feature_norm, loss=loss, seed=args.seed, workers=args.workers,
         teacher_in_workers=args.teacher_in_workers, threads=args.threads, amp=args.amp, log_every=args.log_every,
         checkpoint_every=args.checkpoint_every, val_benchmark=args.val_benchmark, val_every=args.val_every,
-        stop_at=args.stop_at, tensorboard=not args.no_tensorboard)
+        stop_at=args.stop_at, max_seconds=args.max_seconds, tensorboard=not args.no_tensorboard)
 
 
 def run(args) -> int:
