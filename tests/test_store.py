@@ -46,6 +46,19 @@ def test_add_query_remove_and_reopen(location):
     assert reopened.query(["q"], refs[8:9], k=1).reference_ids[0] == "R8"
 
 
+@pytest.mark.parametrize("factory", ["HNSW32", "IVF4,Flat"])
+def test_approximate_indexes_add_and_remove(tmp_path, factory):
+    """Graph indexes cannot delete entries (the store rebuilds them); IVF trains on the first add."""
+    rng = np.random.default_rng(3)
+    refs = unit(rng.standard_normal((60, 64)))
+    store = vectors_store(tmp_path / "s", index=factory)
+    store.add([f"R{i}" for i in range(60)], refs)
+    store.remove(["R5"])
+    store.add(["R60"], refs[5:6])
+    assert len(store) == 60 and store.query(["q"], refs[5:6], k=1).reference_ids[0] == "R60"
+    assert len(ReferenceStore.open(tmp_path / "s")) == 60
+
+
 def test_duplicate_id_is_refused_unless_upsert(location):
     rng = np.random.default_rng(2)
     store = vectors_store(location)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -173,11 +172,13 @@ class ReferenceStore:
         return len(self.backend)
 
     def __contains__(self, reference_id: str) -> bool:
-        return bool(self.backend.existing([str(reference_id)]))
+        with self._lock:
+            return bool(self.backend.existing([str(reference_id)]))
 
     def get(self, reference_id: str) -> dict | None:
         """The metadata of one reference (source, added, label), or None."""
-        return self.backend.metadata(str(reference_id))
+        with self._lock:
+            return self.backend.metadata(str(reference_id))
 
     def info(self) -> dict:
         return {"location": self.location, "references": len(self), "backend": self.backend.kind,
@@ -274,7 +275,11 @@ def _first_repeat(ids: Sequence[str]) -> str:
 def _backend_for(location):
     location = str(location)
     if location.startswith("milvus:"):
-        from rdcd.store_milvus import MilvusBackend
+        try:
+            from rdcd.store_milvus import MilvusBackend
+            import pymilvus  # noqa: F401
+        except ImportError:
+            raise StoreError(f"{location}: the Milvus backend needs pymilvus: pip install 'rdcd[milvus]'") from None
 
         return MilvusBackend, location[len("milvus:"):]
     return SQLiteBackend, Path(location)
