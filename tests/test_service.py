@@ -211,3 +211,29 @@ def test_kill_9_during_adds_keeps_every_acknowledged_add(store):
         assert restarted.add(["after"], [99999]).status_code == 201
     finally:
         restarted.stop()
+
+
+def test_embedder_refuses_work_beyond_its_queue():
+    """The bounded queue behind 503: a request whose images do not all fit is refused whole."""
+    import numpy as np
+
+    from rdcd.models.hashes import PHashModel
+    from rdcd.server import Busy, Embedder
+
+    release = threading.Event()
+
+    class Held(PHashModel):  # phash, held until the test lets the batch go
+        def embed(self, images):
+            release.wait(10)
+            return super().embed(images)
+
+    embedder = Embedder(Held(), queue_size=3, batch_size=1, wait_s=0)
+    image = np.zeros((32, 32, 3), np.uint8)
+    first = embedder.submit([image])  # taken by the worker, which waits
+    time.sleep(0.2)
+    queued = embedder.submit([image, image, image])
+    with pytest.raises(Busy):
+        embedder.submit([image])
+    release.set()
+    assert [f.result(timeout=10).shape for f in first + queued] == [(64,)] * 4
+    assert embedder.submit([image])[0].result(timeout=10).shape == (64,)
