@@ -6,7 +6,7 @@ import importlib
 import sys
 
 #: subcommand modules in rdcd.commands, in help order
-COMMANDS = ["demo", "models", "extract", "export", "match", "evaluate", "make_benchmark", "train", "bench"]
+COMMANDS = ["demo", "models", "extract", "export", "match", "index", "serve", "dedup", "evaluate", "make_benchmark", "train", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ file and goes on.
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -68,11 +69,23 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageLoadError(path, f"cannot read file ({e.strerror or e})") from None
     if size == 0:
         raise ImageLoadError(path, "empty file (0 bytes)")
+    return _decode(path, path, max_pixels, draft_size)
+
+
+def decode_image(data: bytes, name: str = "upload", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft_size: int | None = None) -> Image.Image:
+    """``open_image`` for bytes in memory (an upload); errors name ``name``."""
+    if not data:
+        raise ImageLoadError(name, "empty file (0 bytes)")
+    return _decode(io.BytesIO(data), name, max_pixels, draft_size)
+
+
+def _decode(source, name, max_pixels: int, draft_size: int | None) -> Image.Image:
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             w, h = im.size
             if w * h > max_pixels:
-                raise ImageLoadError(path, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                raise ImageLoadError(name, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
                                            "(decompression bomb guard; raise max_pixels if the file is trusted)")
             if getattr(im, "is_animated", False):
                 im.seek(0)
@@ -86,11 +99,11 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageLoadError(path, f"decompression bomb refused ({e})") from None
+        raise ImageLoadError(name, f"decompression bomb refused ({e})") from None
     except Image.UnidentifiedImageError:
-        raise ImageLoadError(path, "not an image file Pillow can identify") from None
+        raise ImageLoadError(name, "not an image file Pillow can identify") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as e:
-        raise ImageLoadError(path, f"corrupt or truncated image ({type(e).__name__}: {e})") from None
+        raise ImageLoadError(name, f"corrupt or truncated image ({type(e).__name__}: {e})") from None
     return rgb
 
 

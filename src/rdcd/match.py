@@ -18,7 +18,7 @@ import numpy as np
 from rdcd.descriptors import atomic_path, descriptor_info, read_descriptors
 from rdcd.metrics import Predictions, write_predictions
 from rdcd.postprocess import PCAWhitening, ScoreNormalizer
-from rdcd.search import Index, best_pairs, knn_pairs, set_threads
+from rdcd.search import Index, as_matrix, best_pairs, knn_pairs, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,77 @@ def is_image_source(source: ImageSet) -> bool:
 
 def _describe(source) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else f"a list of {len(source)} paths"
+
+
+class Matcher:
+    """The search half of ``match`` as an estimator: ``fit`` indexes the references once (and fits the PCA
+    whitening and/or score normaliser of ``config`` on a background set); ``search`` then answers any
+    number of query batches with the same pairs ``match`` would give.
+
+    >>> matcher = Matcher(MatchConfig(k=10, score_norm=True)).fit((reference_ids, references), background)
+    >>> predictions = matcher.search(query_ids, queries)
+    """
+
+    def __init__(self, config: MatchConfig | None = None):
+        self.config = config or MatchConfig()
+        self.whitening_: PCAWhitening | None = None
+        self.normalizer_: ScoreNormalizer | None = None
+        self.index_ = None  # rdcd.search.Index, or anything with its search(vectors, k), dim and len()
+
+    def fit_background(self, background: np.ndarray | None) -> "Matcher":
+        """Fit what ``config`` learns from the background set (nothing when it asks for neither)."""
+        c = self.config
+        if not (c.score_norm or c.whiten_dim):
+            return self
+        if background is None:
+            raise ValueError("score normalisation and whitening need a background set: descriptors of a "
+                             "collection unrelated to the references, e.g. the DISC2021 training images")
+        background = as_matrix(background, what="background descriptors")
+        if c.whiten_dim:
+            self.whitening_ = PCAWhitening(c.whiten_dim).fit(background)
+            background = self.whitening_.transform(background)
+        if c.score_norm:
+            self.normalizer_ = ScoreNormalizer(c.beta, c.ranks, c.index, c.nprobe, c.ef_search).fit(background)
+        return self
+
+    def transform(self, vectors: np.ndarray) -> np.ndarray:
+        """Descriptors in the space the index searches (whitened when ``config.whiten_dim``)."""
+        vectors = as_matrix(vectors)
+        return vectors if self.whitening_ is None else self.whitening_.transform(vectors)
+
+    @property
+    def dim(self) -> int:
+        """The dimension of the descriptors it takes (before any whitening)."""
+        if self.whitening_ is not None:
+            return self.whitening_.projection_.shape[0]
+        if self.index_ is None:
+            raise RuntimeError("Matcher is not fitted")
+        return self.index_.dim
+
+    def fit(self, references: tuple[Sequence[str], np.ndarray], background: np.ndarray | None = None) -> "Matcher":
+        ids, vectors = references
+        vectors = as_matrix(vectors, what="reference descriptors")
+        if background is not None and np.shape(background)[-1] != vectors.shape[1]:
+            raise ValueError(f"background descriptors have dimension {np.shape(background)[-1]} but references "
+                             f"{vectors.shape[1]}; all sets must come from the same model")
+        self.fit_background(background)
+        c = self.config
+        self.index_ = Index.build(ids, self.transform(vectors), c.index, nprobe=c.nprobe, ef_search=c.ef_search)
+        return self
+
+    def search(self, query_ids: Sequence[str], query_vectors: np.ndarray) -> Predictions:
+        """Candidate pairs of these queries: k per query, or the ``global_n`` best over them."""
+        if self.index_ is None:
+            raise RuntimeError("Matcher is not fitted; call fit(references, background) first")
+        if np.shape(query_vectors)[-1] != self.dim:
+            raise ValueError(f"query descriptors have dimension {np.shape(query_vectors)[-1]} but references "
+                             f"{self.dim}; both sets must come from the same model")
+        queries = self.transform(query_vectors)
+        offsets = None if self.normalizer_ is None else self.normalizer_.bias(queries)
+        c = self.config
+        if c.global_n:
+            return best_pairs(query_ids, queries, self.index_, n=c.global_n, k=c.k, offsets=offsets)
+        return knn_pairs(query_ids, queries, self.index_, k=c.k, offsets=offsets)
 
 
 def match(
@@ -189,30 +260,14 @@ def match(
             f"query descriptors have dimension {query_vectors.shape[1]} but references {reference_vectors.shape[1]}; "
             "both sets must come from the same model"
         )
-    offsets = None
     if background is not None and not (score_norm or whiten_dim):
         log.warning("a background set was given but neither score normalisation nor whitening is on; ignoring it")
-    elif background is not None:
+    background_vectors = None
+    if background is not None and (score_norm or whiten_dim):
         _, background_vectors = load_set(background, name="background", **load)
-        if background_vectors.shape[1] != query_vectors.shape[1]:
-            raise ValueError(
-                f"background descriptors have dimension {background_vectors.shape[1]} but queries "
-                f"{query_vectors.shape[1]}; all sets must come from the same model"
-            )
-        if whiten_dim:
-            whitening = PCAWhitening(whiten_dim).fit(background_vectors)
-            query_vectors, reference_vectors, background_vectors = (
-                whitening.transform(v) for v in (query_vectors, reference_vectors, background_vectors)
-            )
-        if score_norm:
-            offsets = ScoreNormalizer(beta, ranks, index, nprobe, ef_search).fit(background_vectors).bias(query_vectors)
-
     log.info("indexing %d references (%s)", len(reference_ids), index)
-    reference_index = Index.build(reference_ids, reference_vectors, index, nprobe=nprobe, ef_search=ef_search)
-    if global_n:
-        predictions = best_pairs(query_ids, query_vectors, reference_index, n=global_n, k=k, offsets=offsets)
-    else:
-        predictions = knn_pairs(query_ids, query_vectors, reference_index, k=k, offsets=offsets)
+    predictions = Matcher(config).fit((reference_ids, reference_vectors), background_vectors).search(
+        query_ids, query_vectors)
 
     if output is not None:
         output = write_predictions(output, predictions)

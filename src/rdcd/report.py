@@ -181,16 +181,21 @@ class _Thumbnails:
         if folder is None:
             return f"<figure>{html.escape(caption)}</figure>"
         path = next((folder / f"{image_id}{s}" for s in IMAGE_SUFFIXES if (folder / f"{image_id}{s}").exists()), None)
-        if path is None:
-            return _placeholder(f"{caption} (image not found)")
-        try:
-            image = open_image(path)
-        except ImageLoadError as e:
-            return _placeholder(f"{caption} ({e.reason})")
-        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=85)
-        return f"<figure>{_img(buffer.getvalue(), caption, 'image/jpeg')}<br>{html.escape(caption)}</figure>"
+        return thumbnail_figure(path, caption)
+
+
+def thumbnail_figure(path: Path | None, caption: str) -> str:
+    """An inline JPEG thumbnail of one image with its caption, or a placeholder saying why not."""
+    if path is None:
+        return _placeholder(f"{caption} (image not found)")
+    try:
+        image = open_image(path)
+    except ImageLoadError as e:
+        return _placeholder(f"{caption} ({e.reason})")
+    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return f"<figure>{_img(buffer.getvalue(), caption, 'image/jpeg')}<br>{html.escape(caption)}</figure>"
 
 
 # --------------------------------------------------------------------------------------------- plots
