@@ -28,7 +28,10 @@ def test_dedup_groups_generated_copies(tmp_path, capsys):
                 copy.save(folder / f"p{n}_copy{e}.jpg", quality=60)
                 truth[f"p{n}_copy{e}"] = n
     out = tmp_path / "groups.csv"
-    assert main(["dedup", "--images", str(folder), "--output", str(out), "--html", str(tmp_path / "g.html")]) == 0
+    # the shallow student: the default (a PCA whitening fitted on real photos) scores these synthetic
+    # gradient-and-shapes pictures as alike (0.64-0.75 between different ones); this test is about grouping
+    assert main(["dedup", "--images", str(folder), "--output", str(out), "--html", str(tmp_path / "g.html"),
+                 "--model", "rdcd-tf_efficientnet_lite0-shallow-128"]) == 0
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == len(truth)
     group = {r["image_id"]: r["group"] for r in rows}
