@@ -34,7 +34,7 @@ from rdcd.models import load_model, model_file
 from rdcd.models.shipped import card_for, int8_file
 from rdcd.models.student import OFFLINE_PRETRAINED, build_student, load_student, save_student
 from timm.layers.conv2d_same import Conv2dSame
-from rdcd.models.teachers import cpu_threads
+from rdcd.models.onnx import cpu_threads
 
 DEVBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "devbench"
 

@@ -14,7 +14,8 @@ from rdcd.descriptors import read_descriptors
 from rdcd.export import export
 from rdcd.models import load_model
 from rdcd.models.student import build_student, save_student
-from rdcd.models.teachers import OnnxModel, TorchScriptModel
+from rdcd.models.onnx import OnnxModel
+from rdcd.models.teachers import TorchScriptModel
 
 
 def pictures(first: int, n: int, size: int) -> np.ndarray:
