@@ -53,7 +53,7 @@ def test_every_shipped_card_is_registered_and_loads():
 def test_every_shipped_model_has_its_int8_file_made_from_its_weights():
     """rdcd extract runs these on a CPU by default: each must exist, match its .pt (sha256), give
     descriptors close to fp32 here, and its card must record parity >= 0.99 on real images and uAP
-    within a point of fp32 on both benchmarks (issue #7's int8 targets), as ship_model.py measured."""
+    within a point of fp32 on both benchmarks (the int8 targets), as ship_model.py measured."""
     from rdcd.models.shipped import int8_file
     from rdcd.models.onnx import OnnxModel
 
