@@ -1,7 +1,7 @@
 # One command to install everything, one to run the tests (see README.md).
 PYTHON ?= python
 
-.PHONY: install test test-fast demo
+.PHONY: install test test-fast demo wheel-check
 
 install:
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -15,6 +15,10 @@ test:
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
+
+# build the wheel, install it into a fresh venv and run rdcd match from it (also a slow test)
+wheel-check:
+	$(PYTHON) scripts/check_wheel.py
 
 demo:
 	rdcd demo

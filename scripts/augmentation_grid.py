@@ -1,7 +1,7 @@
 """Render a grid of augmented training views, to check by eye what a recipe does.
 
     python scripts/augmentation_grid.py --images /path/to/images --output docs/augmentations.png
-    python scripts/augmentation_grid.py --images DIR --output /tmp/text.png --p text=1 --p emoji=1
+    python scripts/augmentation_grid.py --images DIR --output text.png --p text=1 --p emoji=1
 
 Each row is one image (the first --n-images files of DIR, sorted by name): the original, then
 --views views, labelled with the steps that fired.

@@ -1,5 +1,5 @@
 """How fast would the student be with smaller expansion ratios? A planning measurement for a pruned
-student (issue #7: faster than sscd-distilled), speed only, untrained networks.
+student (target: faster than sscd-distilled), speed only, untrained networks.
 
 tf_efficientnet_lite0's inverted-residual blocks expand their channels 6x ("e6"); this builds the
 same network with e4 and e3 (what keeping the top 2/3 or 1/2 of each block's expansion channels of

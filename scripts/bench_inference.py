@@ -34,7 +34,7 @@ from rdcd.models import load_model, model_file
 from rdcd.models.shipped import card_for, int8_file
 from rdcd.models.student import OFFLINE_PRETRAINED, build_student, load_student, save_student
 from timm.layers.conv2d_same import Conv2dSame
-from rdcd.models.teachers import cpu_threads
+from rdcd.models.onnx import cpu_threads
 
 DEVBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "devbench"
 
@@ -175,7 +175,7 @@ def pipeline_rows(student_file: Path, paths, size: int, repeats: int, threads: i
 
 
 def interleaved_targets(students: list[str], paths, sizes, rounds: int) -> list[str]:
-    """Issue #7's end-to-end ratios, robust to this machine's drift: every round runs each model once
+    """The end-to-end speed ratios of the targets, robust to this machine's drift: every round runs each model once
     (rdcd extract's default path for each student, the first one's ONNX fp32 path, SSCD,
     sscd-distilled) on the same files, so a slow spell hits all of them; the ratio is the median of
     the per-round ratios."""
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-teachers", action="store_true", help="skip sscd and sscd-distilled")
     ap.add_argument("--no-pipeline", action="store_true", help="skip the input-pipeline section")
     ap.add_argument("--target-rounds", type=int, default=5,
-                    help="rounds of the interleaved end-to-end comparison (issue #7's targets; 0 skips it)")
+                    help="rounds of the interleaved end-to-end comparison (the speed targets; 0 skips it)")
     ap.add_argument("--targets-only", action="store_true", help="run only the interleaved comparison")
     args = ap.parse_args(argv)
     students = args.student or [str(model_file("rdcd-default"))]  # the default shipped student

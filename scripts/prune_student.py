@@ -1,4 +1,4 @@
-"""Experiment: a pruned 128-d student (issue #7, "faster than sscd-distilled"). Not a shipped model.
+"""Experiment: a pruned 128-d student (target: faster than sscd-distilled on a CPU). Not a shipped model.
 
 1. Take the shipped student and rebuild its backbone with every inverted-residual block expanding
    ``--expansion``x instead of 6x (scripts/bench_expansion.py measured e3 at 1.27-1.53x the speed),

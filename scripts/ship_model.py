@@ -80,7 +80,7 @@ def ship_int8(name: str, weights: Path, size: int, calibration: str, valbench: P
               thresholds: dict, beta: float, calibration_size: int = 128, weight_bits: int = 7) -> dict:
     """Export the shipped weights to int8 ONNX beside them and measure it against fp32 (see module doc)."""
     from rdcd.export import ExportConfig, calibration_images, export
-    from rdcd.models.teachers import OnnxModel
+    from rdcd.models.onnx import OnnxModel
 
     cfg = ExportConfig(precision="int8", calibration=calibration, input_size=size,
                        calibration_size=calibration_size, weight_bits=weight_bits)

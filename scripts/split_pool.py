@@ -1,7 +1,7 @@
 """Split the training pool into a training part and a held-out validation part, by image kind.
 
 The held-out part is what `rdcd make-benchmark` turns into the validation benchmark on which every
-model choice is made (issue #6); training never sees it. The split is a pure function of the image
+model choice is made; training never sees it. The split is a pure function of the image
 IDs and the seed (sha1 order within each `kind` of MANIFEST.csv), so it is the same on every machine.
 
     python scripts/split_pool.py --pool ../shared/data/train --output runs/split

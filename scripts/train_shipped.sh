@@ -25,12 +25,12 @@ run r128_norel --dim 128 --no-rel
 run r128_nohn --dim 128 --no-hn
 run r64_norel --dim 64 --no-rel
 run r256_norel --dim 256 --no-rel
-# session 3: does a 3x longer schedule help? (chosen or not on valbench, docs/experiments.md)
+# does a 3x longer schedule help? (chosen or not on valbench, docs/experiments.md)
 run r128_long --dim 128 --steps 1800 --val-every 600
 run r256_long --dim 256 --steps 1800 --val-every 600
-# session 4: the 64-d model on the same longer schedule
+# the 64-d model on the same longer schedule
 run r64_long --dim 64 --steps 1800 --val-every 600
-# session 4: a second seed of the 128-d and 256-d L_rel ablations (same 600-step budget; docs/experiments.md)
+# a second seed of the 128-d and 256-d L_rel ablations (same 600-step budget; docs/experiments.md)
 run r128_s1 --dim 128 --seed 1
 run r128_norel_s1 --dim 128 --no-rel --seed 1
 run r256_s1 --dim 256 --seed 1

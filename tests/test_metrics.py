@@ -129,7 +129,7 @@ def test_ground_truth_without_matches_rejected():
 
 
 def _reference_metrics(rows, gt):
-    """Straight transcription of EVALUATION.md with Python loops, to check the vectorised code."""
+    """Straight transcription of docs/evaluation.md with Python loops, to check the vectorised code."""
     pairs = {(q, r) for q, r in gt.items() if r}
     n = len(pairs)
     ranked = sorted(rows, key=lambda row: (-row[2], (row[0], row[1]) in pairs))

@@ -49,7 +49,7 @@ def test_report_is_self_contained_with_metrics_and_thumbnails(tmp_path, folders)
     assert [p.name for p in path.parent.iterdir()] == ["report.html"]
     assert page.startswith("<!DOCTYPE html>") and "golden &lt;case&gt;" in page
     assert external_references(page) == []
-    # metrics of the golden case (EVALUATION.md): uAP 0.2083, P90 not reached, acc@1 0, recall@10 0.5
+    # metrics of the worked example (docs/evaluation.md): uAP 0.2083, P90 not reached, acc@1 0, recall@10 0.5
     assert "0.2083" in page and "not reached" in page and "0.5000" in page
     assert page.count("data:image/png;base64,") == 2  # precision-recall curve and histograms
     # false positives: Q2-R8 (.95) first, then Q1-R9 (.9); missed copies: Q1, Q2 (outranked), Q3, Q4 (never predicted)

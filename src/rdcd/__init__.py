@@ -1,8 +1,27 @@
-"""rdcd: compact image copy detection (RDCD: relational self-supervised distillation)."""
+"""rdcd: compact image copy detection (RDCD: relational self-supervised distillation).
+
+The names below are imported on first use, so ``import rdcd`` (and every ``rdcd`` command) starts
+without loading h5py, PyTorch or ONNX Runtime.
+"""
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-from .descriptors import read_descriptors, write_descriptors  # noqa: E402
-from .models import list_models, load_model  # noqa: E402
+#: public name -> module that defines it
+_LAZY = {
+    "load_model": "rdcd.models",
+    "list_models": "rdcd.models",
+    "read_descriptors": "rdcd.descriptors",
+    "write_descriptors": "rdcd.descriptors",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'rdcd' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
 
 
 def extract(*args, **kwargs):
@@ -12,4 +31,4 @@ def extract(*args, **kwargs):
     return _extract(*args, **kwargs)
 
 
-__all__ = ["__version__", "extract", "load_model", "list_models", "read_descriptors", "write_descriptors"]
+__all__ = ["__version__", "extract", *_LAZY]

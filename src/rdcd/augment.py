@@ -1,4 +1,4 @@
-"""Training views: the SSCD "advanced" augmentation recipe (METHOD.md) and a light one.
+"""Training views: the SSCD "advanced" augmentation recipe (docs/method.md) and a light one.
 
 A recipe is a list of ``Step``s, each an op applied with probability ``p``, in order, to a PIL image;
 the result becomes a uint8 tensor (3, size, size), ImageNet-normalised to float unless
@@ -329,7 +329,7 @@ def _with_probabilities(steps: list[Step], probabilities: Mapping[str, float] | 
 
 
 def advanced(size: int = 224, normalize: bool = True, probabilities: Mapping[str, float] | None = None) -> Augmentation:
-    """SSCD's "advanced" recipe, in METHOD.md's order; ``probabilities`` overrides p by step name."""
+    """SSCD's "advanced" recipe, in docs/method.md's order; ``probabilities`` overrides p by step name."""
     steps = [
         Step("hflip", 0.5, HorizontalFlip()),
         Step("rotate90", 0.05, Rotate90()),

@@ -3,7 +3,7 @@
 For each model: embed ``queries/``, ``references/`` and ``train/`` (timing queries + references end
 to end, decoding included), match with per-query kNN (k = 10, exact inner product) with and without
 SSCD score normalisation (background = ``train/``, beta = 1, ranks 0..2), and score with the DISC2021
-metrics (docs/EVALUATION.md). Descriptors live in memory for one model at a time and are never
+metrics (docs/evaluation.md). Descriptors live in memory for one model at a time and are never
 cached on disk, so a run cannot pick up stale descriptors of an earlier one.
 
 Storage convention (``bytes_per_image``): what one image's descriptor needs when stored as the

@@ -12,6 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
+#: the example ``make_example`` wrote, shipped inside the package so that an installed rdcd can run
+#: the README's ``rdcd match`` (``examples/copydetect`` in the repository links to it)
+EXAMPLE_DIR = Path(__file__).resolve().parent / "examples" / "copydetect"
+
 
 def _sample(name: str) -> Path:
     import matplotlib

@@ -417,7 +417,7 @@ def onnx_runtime_model(model: DescriptorModel, cache: str | os.PathLike | None =
     """``model`` (a PyTorch model) run by ONNX Runtime: exported to fp32 ONNX once, cached under
     ``cache`` (default ``cache_dir()/onnx``) by a hash of its weights, then loaded from there. The
     descriptors equal PyTorch's to fp32 rounding (cosine >= 0.9999, tested)."""
-    from .models.teachers import OnnxModel
+    from .models.onnx import OnnxModel
 
     src = source_model(model)
     cfg = ExportConfig()
@@ -457,7 +457,7 @@ def choose_runtime(model: DescriptorModel, runtime: str = "auto", from_file: boo
     if runtime == "onnxruntime" and not is_torch:
         raise ValueError(f"{model.name} is a {type(model).__name__}, not a PyTorch model: nothing to convert")
     if runtime == "torch" or not is_torch or (runtime == "auto" and not (on_cpu and from_file)):
-        from .models.teachers import OnnxModel
+        from .models.onnx import OnnxModel
 
         how = ("PyTorch" if is_torch else f"ONNX Runtime ({model.path.name})" if isinstance(model, OnnxModel)
                else type(model).__name__)

@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as du
 from .descriptors import atomic_path, write_descriptors
@@ -46,8 +44,9 @@ class ExtractResult:
         return (len(self.ids) + len(self.failures)) / self.seconds if self.seconds > 0 else float("nan")
 
 
-class ImageFiles(Dataset):
-    """Decoded, resized images; a bad file yields its error instead of raising."""
+class ImageFiles:
+    """Decoded, resized images; a bad file yields its error instead of raising (a map-style dataset
+    for torch's DataLoader, which needs no base class)."""
 
     def __init__(self, paths: Sequence[Path], size: int, max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = False):
         self.paths, self.size, self.max_pixels, self.draft = list(paths), size, max_pixels, draft
@@ -112,13 +111,14 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
     embeds this one (Pillow and the runtimes release the GIL).
     """
     du.init_distributed()
-    torch.set_num_threads(du.cpu_threads_per_process())
     from .models.projected import resolve_projection
 
     # BASE+pcawDIM: the projection fitted on ``background`` images (or reused from the cache) first
     model = resolve_projection(model, background, precision=precision, draft=draft, batch_size=batch_size,
                                progress=progress)
     model, how = prepare_model(model, runtime, precision)
+    if "torch" in sys.modules:  # a PyTorch model (or one converted from it): this process's share of cores
+        sys.modules["torch"].set_num_threads(du.cpu_threads_per_process())
     if progress and du.is_main():
         print(f"rdcd: {how}", file=sys.stderr)
     size = int(size or model.input_size)
@@ -151,8 +151,13 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
     dataset = ImageFiles(paths, size, max_pixels, draft)
     batches = [list(range(s, e))[b:b + batch_size] for c in todo for s, e in [chunks[c]]
                for b in range(0, e - s, batch_size)]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
-                        persistent_workers=False)
+    if workers:
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+                            persistent_workers=False)
+    else:  # what DataLoader does without workers, without importing torch for an ONNX model
+        loader = (_collate([dataset[i] for i in batch]) for batch in batches)
     prefetch = prefetch and workers == 0  # worker processes decode ahead already
     if progress and du.is_main() and batches:
         how = (f"in {workers} worker process(es)" if workers else "in this process"
@@ -294,7 +299,7 @@ def shipped_int8(model, runtime: str = "auto", precision: str = "auto", warn: bo
         if warn and card.get("int8"):
             print(f"rdcd: warning: {card['name']}: {why_not}; using fp32", file=sys.stderr)
         return None
-    if runtime == "torch" or (precision == "auto" and du.default_device().type != "cpu"):
+    if runtime == "torch" or (precision == "auto" and du.gpu_available()):
         return None
     return path
 
@@ -309,13 +314,12 @@ def prepare_model(model: str | os.PathLike | DescriptorModel, runtime: str = "au
     PyTorch: the fastest path measured on CPU (docs/bench_inference.md), descriptors within cosine
     ~0.99 of fp32 and devbench uAP within a point (model cards). Otherwise
     ``rdcd.export.choose_runtime`` (fp32: ONNX Runtime for PyTorch files on a CPU)."""
-    from .export import choose_runtime
     from .models import model_file
     from .models.shipped import card_for
 
     int8 = shipped_int8(model, runtime, precision, warn=True)
     if int8 is not None:
-        from .models.teachers import OnnxModel
+        from .models.onnx import OnnxModel
 
         card = card_for(model)
         # on the CPU whatever else is installed: an int8 QDQ graph is a CPU format here
@@ -323,6 +327,8 @@ def prepare_model(model: str | os.PathLike | DescriptorModel, runtime: str = "au
                          providers=["CPUExecutionProvider"])
         return fast, (f"{card['name']} runs with ONNX Runtime int8 on the CPU (shipped file {int8.name}; "
                       "--precision fp32 for the fp32 weights)")
+    from .export import choose_runtime  # imports torch, which the int8 file above runs without
+
     shipped = None if isinstance(model, DescriptorModel) else model_file(model)
     if shipped is not None and shipped.suffix != ".npz":
         model = shipped  # a shipped student: its file, which may run in ONNX Runtime

@@ -1,6 +1,6 @@
 """RDCD training losses, the FIFO feature queues they read, and two diagnostics.
 
-Each loss is a small pure function you can read next to its equation in METHOD.md:
+Each loss is a small pure function you can read next to its equation in docs/method.md:
 
     L_con  MoCo-v2 InfoNCE of the student descriptor z_S against its momentum key z_S' (positive)
            and a queue of past keys (negatives)                              -> contrastive_loss
@@ -176,7 +176,7 @@ def relational_loss(
 
 @dataclass
 class LossConfig:
-    """Weights, temperatures and ablation switches; defaults are the paper's (METHOD.md)."""
+    """Weights, temperatures and ablation switches; defaults are the paper's (docs/method.md)."""
 
     lambda_con: float = 1.0
     lambda_hn: float = 5.0

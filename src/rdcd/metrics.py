@@ -2,7 +2,7 @@
 
 Every prediction is pooled into ONE ranking over all queries (micro average precision), sorted by
 score descending with negatives before positives at equal scores, so that tied scores never help.
-The formulas follow the challenge's reference code; docs/EVALUATION.md works an example by hand.
+The formulas follow the challenge's reference code; docs/evaluation.md works an example by hand.
 """
 from __future__ import annotations
 
@@ -292,7 +292,7 @@ def separation(query_ids: Sequence[str], query_vectors: np.ndarray, reference_id
 
     With the references as a fixed set of keys: ``pos_cos`` is the mean cosine of each copy query to
     its reference; ``hardest_neg_cos`` the mean over all queries of the largest cosine to a reference
-    that is not its own; ``hn`` the hard-negative loss of docs/METHOD.md on those cosines,
+    that is not its own; ``hn`` the hard-negative loss of docs/method.md on those cosines,
     mean of -log(max(1 - hardest, eps)). Unlike the training log's values, which are measured against
     a key queue that fills up and changes with the key encoder, these are comparable across steps.
     Vectors are expected L2-normalised.

