@@ -457,11 +457,9 @@ def choose_runtime(model: DescriptorModel, runtime: str = "auto", from_file: boo
     if runtime == "onnxruntime" and not is_torch:
         raise ValueError(f"{model.name} is a {type(model).__name__}, not a PyTorch model: nothing to convert")
     if runtime == "torch" or not is_torch or (runtime == "auto" and not (on_cpu and from_file)):
-        from .models.onnx import OnnxModel
+        from .models import runtime_line
 
-        how = ("PyTorch" if is_torch else f"ONNX Runtime ({model.path.name})" if isinstance(model, OnnxModel)
-               else type(model).__name__)
-        return model, f"{model.name} runs with {how}"
+        return model, runtime_line(model)
     try:
         fast = onnx_runtime_model(model, threads=threads)
     except Exception as e:  # an architecture the ONNX exporter cannot trace: stay correct, just slower

@@ -327,13 +327,18 @@ def prepare_model(model: str | os.PathLike | DescriptorModel, runtime: str = "au
                          providers=["CPUExecutionProvider"])
         return fast, (f"{card['name']} runs with ONNX Runtime int8 on the CPU (shipped file {int8.name}; "
                       "--precision fp32 for the fp32 weights)")
-    from .export import choose_runtime  # imports torch, which the int8 file above runs without
-
     shipped = None if isinstance(model, DescriptorModel) else model_file(model)
     if shipped is not None and shipped.suffix != ".npz":
         model = shipped  # a shipped student: its file, which may run in ONNX Runtime
     from_file = not isinstance(model, DescriptorModel) and Path(model).is_file()
-    return choose_runtime(resolve_model(model), runtime, from_file, du.cpu_threads_per_process())
+    loaded = resolve_model(model)
+    if not loaded.runs_torch and runtime != "onnxruntime":  # ONNX files, hashes, projections of them
+        from .models import runtime_line
+
+        return loaded, runtime_line(loaded)
+    from .export import choose_runtime  # imports torch, which the models above run without
+
+    return choose_runtime(loaded, runtime, from_file, du.cpu_threads_per_process())
 
 
 def resolve_model(model: str | os.PathLike | DescriptorModel) -> DescriptorModel:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from rdcd.descriptors import atomic_path
-from rdcd.models.base import l2_normalize
-from rdcd.search import as_matrix, faiss_index
+from rdcd.models.base import as_matrix, l2_normalize
 
 
 def _save_npz(path: str | os.PathLike, **arrays) -> Path:
@@ -133,6 +131,8 @@ class ScoreNormalizer:
                 f"score normalisation at ranks {self.ranks} needs more than {self.ranks[1]} background "
                 f"descriptors; got {len(background)}"
             )
+        from rdcd.search import faiss_index  # FAISS only where it searches: PCA whitening runs without it
+
         self.background_ = faiss_index(self.index, background, **self.search_params)
         return self
 
@@ -154,6 +154,8 @@ class ScoreNormalizer:
     def save(self, path: str | os.PathLike) -> Path:
         if self.background_ is None:
             raise RuntimeError("ScoreNormalizer is not fitted; nothing to save")
+        import faiss
+
         return _save_npz(
             path,
             kind=np.array("ScoreNormalizer"),
@@ -165,6 +167,8 @@ class ScoreNormalizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ScoreNormalizer":
+        import faiss
+
         f = _load_npz(path, "ScoreNormalizer")
         normalizer = cls(float(f["beta"]), tuple(int(r) for r in f["ranks"]), str(f["index"]))
         normalizer.background_ = faiss.deserialize_index(f["background"])

@@ -18,6 +18,7 @@ import numpy as np
 
 from rdcd.descriptors import atomic_path
 from rdcd.metrics import Predictions
+from rdcd.models.base import as_matrix
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +29,6 @@ def set_threads(n: int | None = None) -> int:
     n = cores if n is None else max(1, min(int(n), cores))
     faiss.omp_set_num_threads(n)
     return n
-
-
-def as_matrix(vectors: np.ndarray, dim: int | None = None, what: str = "vectors") -> np.ndarray:
-    """``vectors`` as a C-contiguous float32 (n, dim) array (what FAISS needs), or a ValueError naming ``what``."""
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
-        expected = f"(n, {dim})" if dim is not None else "(n, d)"
-        raise ValueError(f"{what} must have shape {expected}; got {x.shape}")
-    return x
 
 
 def faiss_index(factory: str, vectors: np.ndarray, nprobe: int | None = None, ef_search: int | None = None):

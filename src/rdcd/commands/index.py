@@ -1,4 +1,4 @@
-"""rdcd index create|add|remove|info|query: a persistent reference store (rdcd.store.ReferenceStore)."""
+"""rdcd index: a persistent reference store (create, add, remove, info, query; rdcd.store.ReferenceStore)."""
 from __future__ import annotations
 
 import json

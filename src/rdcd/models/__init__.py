@@ -82,6 +82,19 @@ def model_file(model) -> Path | None:
     return Path(entry.card["path"]) if entry is not None and entry.card is not None else None
 
 
+def runtime_line(model: DescriptorModel) -> str:
+    """How a model that is not converted (ONNX files, hashes, projections of them) runs, in one line."""
+    from .onnx import OnnxModel
+    from .projected import ProjectedModel
+
+    if isinstance(model, ProjectedModel):
+        kind = "PCA whitening" if model.projection.whiten_components else "PCA"
+        return f"{model.name}: {runtime_line(model.base)}, then {kind} to {model.dim} dims"
+    how = ("PyTorch" if model.runs_torch else f"ONNX Runtime ({model.path.name})" if isinstance(model, OnnxModel)
+           else type(model).__name__)
+    return f"{model.name} runs with {how}"
+
+
 def list_models() -> dict[str, RegistryEntry]:
     return dict(MODEL_REGISTRY)
 

@@ -24,6 +24,8 @@ class DescriptorModel(abc.ABC):
     dim: int
     #: preferred square input size in pixels (images are resized to input_size x input_size)
     input_size: int = 288
+    #: whether embedding runs PyTorch (then ``rdcd.export.choose_runtime`` may convert it); others run as they are
+    runs_torch: bool = False
 
     @abc.abstractmethod
     def embed(self, images: np.ndarray) -> np.ndarray:
@@ -34,6 +36,15 @@ class DescriptorModel(abc.ABC):
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
         return f"<{type(self).__name__} {self.describe()}>"
+
+
+def as_matrix(vectors: np.ndarray, dim: int | None = None, what: str = "vectors") -> np.ndarray:
+    """``vectors`` as a C-contiguous float32 (n, dim) array (what FAISS needs), or a ValueError naming ``what``."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
+        expected = f"(n, {dim})" if dim is not None else "(n, d)"
+        raise ValueError(f"{what} must have shape {expected}; got {x.shape}")
+    return x
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:

@@ -83,6 +83,10 @@ class ProjectedModel(DescriptorModel):
     def input_size(self) -> int:
         return self.base.input_size
 
+    @property
+    def runs_torch(self) -> bool:
+        return self.base.runs_torch
+
     def embed(self, images: np.ndarray) -> np.ndarray:
         return self.projection.transform(self.base.embed(images))
 

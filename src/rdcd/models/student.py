@@ -342,6 +342,8 @@ def student_from_payload(payload: dict, path="<memory>") -> StudentNet:
 class TorchImageModel(DescriptorModel):
     """Any torch module mapping normalised float NCHW to (n, d) descriptors, behind embed(uint8 NHWC)."""
 
+    runs_torch = True
+
     def __init__(self, module: nn.Module, dim: int, input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  name: str = "torch", device: str | torch.device = "cpu", channels_last: bool = True):
         self.module = module.eval().to(device)
