@@ -155,7 +155,7 @@ def _read_one(p: Path, shape_only: bool = False) -> tuple[list[str], np.ndarray 
                 ids = [image_id(n) for n in np.atleast_1d(names).tolist()]
         except (OSError, TypeError, UnicodeDecodeError, AttributeError) as e:
             raise ValueError(f"{p}: cannot read as DISC2021 HDF5 descriptors ({type(e).__name__}: {e})") from None
-    shape = tuple(vec if shape_only else vec.shape)
+    shape = tuple(vec.shape if isinstance(vec, np.ndarray) else vec)
     if len(shape) != 2 or shape[0] != len(ids):
         raise ValueError(f"{p}: {len(ids)} names but vectors of shape {shape}")
     if not shape_only and vec.dtype.kind not in "fiu":

@@ -68,7 +68,8 @@ def as_predictions(predictions: Predictions | Sequence[tuple[str, str, float]]) 
 def _open_csv(path: Path, expected_header: tuple[str, ...]):
     if not path.exists():
         raise FileNotFoundError(f"{path}: file not found")
-    fh = open(path, newline="")
+    # utf-8-sig: spreadsheet programs start CSV files with a byte-order mark; newline="": CRLF rows read as rows
+    fh = open(path, newline="", encoding="utf-8-sig")
     reader = csv.reader(fh)
     header = next(reader, None)
     if header is None or tuple(h.strip() for h in header[: len(expected_header)]) != expected_header:
@@ -264,6 +265,7 @@ def evaluate(
         raise ValueError(
             "the ground truth has no matching pairs (every reference_id is empty), so uAP and recall are undefined"
         )
+    check_common_ids(predictions, ground_truth)
     positive, thresholds = _ranked(labelled)
     precision, recall = _curve(positive, n_gt)
     uap = float(np.sum(np.diff(recall, prepend=0.0) * precision))
@@ -284,6 +286,17 @@ def evaluate(
         "n_gt": n_gt,
         "n_predictions": len(predictions),
     }
+
+
+def check_common_ids(predictions: Predictions, ground_truth: Mapping[str, str | None]) -> None:
+    """Raise ValueError when no predicted query id is in the ground truth: the two files then
+    describe different benchmarks (or name images differently), and a uAP of 0 would mean nothing."""
+    if len(predictions) and not np.isin(predictions.query_ids, np.array(list(ground_truth), dtype=str)).any():
+        example = sorted(ground_truth)[:1]
+        raise ValueError(
+            f"none of the {len(np.unique(predictions.query_ids))} query ids of the predictions (e.g. "
+            f"{predictions.query_ids[0]!r}) is in the ground truth (e.g. {example[0] if example else None!r}): "
+            "are they from the same benchmark, with ids named the same way (file stems)?")
 
 
 def separation(query_ids: Sequence[str], query_vectors: np.ndarray, reference_ids: Sequence[str],
