@@ -136,3 +136,14 @@ def test_match_checks_dimensions_before_embedding(image_folder, tmp_path, monkey
     with pytest.raises(ValueError, match="queries 64, references 32"):
         match_fn(image_folder, tmp_path / "r.h5", model="phash")
     assert not embedded
+
+
+def test_cli_warnings_carry_the_rdcd_prefix(tmp_path, capsys):
+    from rdcd.cli import main
+
+    vectors = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
+    write_descriptors(tmp_path / "q.h5", [f"Q{i}" for i in range(6)], vectors, info={"rdcd.input_size": "160"})
+    write_descriptors(tmp_path / "r.h5", [f"R{i}" for i in range(6)], vectors, info={"rdcd.input_size": "224"})
+    assert main(["match", "--queries", str(tmp_path / "q.h5"), "--references", str(tmp_path / "r.h5"),
+                 "--output", str(tmp_path / "p.csv")]) == 0
+    assert "rdcd: warning: the sets' descriptors differ in rdcd.input_size" in capsys.readouterr().err

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 #: subcommand modules in rdcd.commands, in help order
@@ -20,7 +21,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Prefixed(logging.Formatter):
+    """Library warnings as ``rdcd: warning: ...``, like the commands' own messages."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"rdcd: {record.levelname.lower()}: {record.getMessage()}"
+
+
+_handler = logging.StreamHandler()
+_handler.setFormatter(_Prefixed())
+
+
 def main(argv: list[str] | None = None) -> int:
+    _handler.stream = sys.stderr  # the stderr of this call (tests and embedding programs replace it)
+    logging.getLogger("rdcd").addHandler(_handler)  # once: a logger keeps one copy of a handler
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

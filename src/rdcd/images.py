@@ -9,6 +9,7 @@ file and goes on.
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -62,18 +63,13 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
     >= draft_size (much faster for large photos that will be resized anyway).
     """
     path = Path(path)
+    fh = _open_file(path)
     try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise ImageLoadError(path, f"cannot read file ({e.strerror or e})") from None
-    if size == 0:
-        raise ImageLoadError(path, "empty file (0 bytes)")
-    try:
-        with Image.open(path) as im:
+        with fh, Image.open(fh) as im:
             w, h = im.size
             if w * h > max_pixels:
-                raise ImageLoadError(path, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-                                           "(decompression bomb guard; raise max_pixels if the file is trusted)")
+                raise ImageLoadError(path, f"too many pixels: {w}x{h} = {w * h} exceeds rdcd's limit of {max_pixels} "
+                                           "(max_pixels, a decompression-bomb guard; raise it if the file is trusted)")
             if getattr(im, "is_animated", False):
                 im.seek(0)
             if draft_size and im.format == "JPEG":
@@ -86,12 +82,40 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageLoadError(path, f"decompression bomb refused ({e})") from None
+        raise ImageLoadError(path, f"too many pixels: {e} (Pillow's own guard, Image.MAX_IMAGE_PIXELS)") from None
     except Image.UnidentifiedImageError:
         raise ImageLoadError(path, "not an image file Pillow can identify") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as e:
-        raise ImageLoadError(path, f"corrupt or truncated image ({type(e).__name__}: {e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError,
+            struct.error, ZeroDivisionError, KeyError, OverflowError) as e:
+        raise ImageLoadError(path, f"{_damage(e)} image ({type(e).__name__}: {e})") from None
     return rgb
+
+
+def _open_file(path: Path):
+    """The file opened for reading, or ImageLoadError saying why not (not found, a directory,
+    permission denied, empty)."""
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise ImageLoadError(path, "not found") from None
+    except IsADirectoryError:
+        raise ImageLoadError(path, "is a directory, not an image file") from None
+    except PermissionError:
+        raise ImageLoadError(path, "permission denied") from None
+    except OSError as e:
+        raise ImageLoadError(path, f"cannot read file ({e.strerror or e})") from None
+    if os.fstat(fh.fileno()).st_size == 0:
+        fh.close()
+        raise ImageLoadError(path, "empty file (0 bytes)")
+    return fh
+
+
+def _damage(error: BaseException) -> str:
+    """'truncated' where the decoder ran out of data, else 'corrupt'."""
+    text = str(error).lower()
+    truncated = isinstance(error, EOFError) or any(
+        word in text for word in ("truncated", "broken data stream", "not enough data", "premature end"))
+    return "truncated" if truncated else "corrupt"
 
 
 def resize_square(im: Image.Image, size: int) -> np.ndarray:
