@@ -142,7 +142,7 @@ def _read_one(p: Path, shape_only: bool = False) -> tuple[list[str], np.ndarray 
         try:
             vec = np.load(p, mmap_mode="r" if shape_only else None, allow_pickle=False)
             ids = side.read_text(encoding="utf-8").splitlines()
-        except (OSError, ValueError, EOFError) as e:
+        except Exception as e:  # numpy's header parser raises ValueError, SyntaxError, EOFError, ... on damage
             raise ValueError(f"{p}: cannot read as .npy descriptors with ids ({type(e).__name__}: {e})") from None
     else:
         try:
@@ -153,7 +153,9 @@ def _read_one(p: Path, shape_only: bool = False) -> tuple[list[str], np.ndarray 
                 vec = f["vectors"].shape if shape_only else f["vectors"][()]
                 names = f["image_names"][()]
                 ids = [image_id(n) for n in np.atleast_1d(names).tolist()]
-        except (OSError, TypeError, UnicodeDecodeError, AttributeError) as e:
+        except Exception as e:  # a damaged file makes h5py raise OSError, RuntimeError, KeyError, ...
+            if isinstance(e, ValueError) and str(e).startswith(str(p)):
+                raise
             raise ValueError(f"{p}: cannot read as DISC2021 HDF5 descriptors ({type(e).__name__}: {e})") from None
     shape = tuple(vec.shape if isinstance(vec, np.ndarray) else vec)
     if len(shape) != 2 or shape[0] != len(ids):
