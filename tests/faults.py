@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 def env() -> dict[str, str]:
@@ -48,6 +48,22 @@ def kill_after(command: Sequence[str], seconds: float, timeout: float = 600) -> 
     proc.stderr.close()
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {proc.returncode} before the kill:\n{err[-3000:]}")
+    return False
+
+
+def kill_when(command: Sequence[str], condition: Callable[[], bool], timeout: float = 300) -> bool:
+    """Start ``command``, SIGKILL it as soon as ``condition()`` holds (polled every 10 ms); False if it
+    finished first (then it must have succeeded)."""
+    proc = subprocess.Popen(list(command), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline and not condition():
+        time.sleep(0.01)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return True
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {proc.returncode} before the kill")
     return False
 
 

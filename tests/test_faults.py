@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import picture
-from faults import env, kill_and_finish, rdcd, run
+from faults import env, kill_and_finish, kill_when, rdcd, run
 from rdcd.descriptors import read_descriptors
 
 pytestmark = pytest.mark.slow
@@ -99,7 +99,14 @@ def test_concurrent_runs_on_one_output(many_images, tmp_path, tiny_student_file)
         first.wait()
     assert refused.returncode == 1
     assert f"is being written by another rdcd run (pid {first.pid} on " in refused.stderr
-    kill_and_finish(second, 3.0, seed=0, kills=1)
+    # killed once it has saved a chunk of its own (16 images; the first run's chunks hold 4)
+    assert kill_when(second, lambda: any(_images_in(p) == 16 for p in partial.glob("chunk_*.npz")))
+    run(second)
     clean = tmp_path / "clean224.h5"
     run([a if a != str(out) else str(clean) for a in second])
     _same_output(out, clean)
+
+
+def _images_in(chunk_file) -> int:
+    start, end = chunk_file.stem[len("chunk_"):].split("-")
+    return int(end) - int(start)
