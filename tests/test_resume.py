@@ -99,6 +99,18 @@ def test_a_rerun_with_another_chunk_size_reuses_finished_work(image_folder, tmp_
     np.testing.assert_allclose(vectors, clean.vectors, atol=1e-6)
 
 
+def test_damaged_and_old_format_chunks_are_discarded(image_folder, tmp_path, tiny_model, capsys):
+    out = tmp_path / "g.h5"
+    partial = tmp_path / "g.h5.partial"
+    partial.mkdir()
+    (partial / "chunk_000000000-000000004.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    np.savez(partial / "chunk_000001.npz", idx=np.arange(4))  # an older rdcd's chunk: no settings recorded
+    counting = Wrapped(tiny_model)
+    extract(counting, image_folder, output=out, progress=False)
+    err = capsys.readouterr().err
+    assert counting.images == 12 and "unreadable (BadZipFile" in err and "older rdcd" in err
+
+
 def test_no_resume_discards_and_says_so(image_folder, tmp_path, tiny_model, capsys):
     out = tmp_path / "n.h5"
     with pytest.raises(KeyboardInterrupt):

@@ -130,7 +130,8 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
     if progress and du.is_main():
         print(f"rdcd: {how}", file=sys.stderr)
     size = int(size or model.input_size)
-    refused = {i: why for i, why in ((i, unstorable_id(ids_all[i], output)) for i in range(len(paths))) if why}
+    refused = {} if output is None else {
+        i: why for i, why in enumerate(unstorable_id(image_id, output) for image_id in ids_all) if why}
     if refused and du.is_main():
         shown = "; ".join(f"{paths[i]}: {why}" for i, why in list(refused.items())[:5])
         print(f"rdcd: {len(refused)} file(s) skipped before embedding, their ids cannot be stored in {output}: "
@@ -138,12 +139,12 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
     if workers is None:
         workers = 0 if du.cpu_threads_per_process() <= 2 else min(4, du.cpu_threads_per_process() // 2)
     settings = run_settings(model, size, draft, max_pixels, paths)
+    dataset = ImageFiles(paths, size, max_pixels, draft, refused)
+    run = dict(batch_size=batch_size, workers=workers, prefetch=prefetch, draft=draft, fixed=chunk_size is not None,
+               chunk_seconds=chunk_seconds)
     with OutputLock(output) if output is not None and du.is_main() else contextlib.nullcontext():
-        return _extract_locked(model, paths, ids_all, output, settings, ImageFiles(paths, size, max_pixels, draft,
-                                                                                  refused),
-                               dict(batch_size=batch_size, workers=workers, prefetch=prefetch, draft=draft,
-                                    fixed=chunk_size is not None, chunk_seconds=chunk_seconds),
-                               chunk_size or AUTO_UNIT, resume, progress, strict)
+        return _extract_locked(model, paths, ids_all, output, settings, dataset, run, chunk_size or AUTO_UNIT,
+                               resume, progress, strict)
 
 
 def _extract_locked(model, paths, ids_all, output, settings, dataset, run, unit, resume, progress, strict):

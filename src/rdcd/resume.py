@@ -93,7 +93,11 @@ def _read_chunk(path: Path, dim: int) -> tuple[Chunk, dict]:
             settings = json.loads(str(z["settings"]))
             chunk = Chunk(int(z["start"]), int(z["end"]), z["idx"].tolist(), z["vec"],
                           list(zip(z["bad_idx"].tolist(), z["bad_reason"].tolist())))
-    except (OSError, KeyError, EOFError, json.JSONDecodeError) as e:
+    except ValueError as e:
+        if "older rdcd" in str(e):
+            raise
+        raise ValueError(f"unreadable ({type(e).__name__}: {e})") from None
+    except Exception as e:  # a damaged file: zipfile.BadZipFile, OSError, KeyError, EOFError, ...
         raise ValueError(f"unreadable ({type(e).__name__}: {e})") from None
     covered = sorted(chunk.idx + [i for i, _ in chunk.failed])
     if (covered != list(range(chunk.start, chunk.end)) or chunk.vectors.ndim != 2
