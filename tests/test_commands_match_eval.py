@@ -90,7 +90,60 @@ def test_match_warns_when_the_sets_were_made_differently(tmp_path, caplog):
         match_fn(tmp_path / "q.h5", tmp_path / "r.h5", k=2)
         match_fn(tmp_path / "q.h5", tmp_path / "plain.h5", k=2)
     assert not [r for r in caplog.records if "not comparable" in r.getMessage()]
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("WARNING"):  # the int8 and fp32 files of one model: a warning
         match_fn(tmp_path / "q.h5", tmp_path / "r32.h5", k=2)
     message = next(r.getMessage() for r in caplog.records if "not comparable" in r.getMessage())
     assert "rdcd.model: queries rdcd-x-128-int8, references rdcd-x-128" in message
+
+
+def test_descriptor_files_of_different_models_are_an_error(tmp_path, capsys):
+    """Two models of one dimension: scores mean nothing, so rdcd match stops (exit 1, "rdcd match: error:")
+    unless --allow-mixed-models, and writes nothing."""
+    from rdcd.cli import main
+
+    vectors = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
+    write_descriptors(tmp_path / "q.h5", [f"Q{i}" for i in range(6)], vectors, info={"rdcd.model": "model-a"})
+    write_descriptors(tmp_path / "r.h5", [f"R{i}" for i in range(6)], vectors, info={"rdcd.model": "model-b"})
+    args = ["match", "--queries", str(tmp_path / "q.h5"), "--references", str(tmp_path / "r.h5"), "--output"]
+    assert main(args + [str(tmp_path / "p.csv")]) == 1
+    err = capsys.readouterr().err
+    assert "rdcd match: error:" in err and "queries model-a, references model-b" in err
+    assert "--allow-mixed-models" in err and not (tmp_path / "p.csv").exists()
+    assert main(args + [str(tmp_path / "p.csv"), "--allow-mixed-models"]) == 0
+    assert len(read_predictions(tmp_path / "p.csv")) == 36
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty"])
+def test_match_checks_the_references_before_embedding_queries(image_folder, tmp_path, problem, monkeypatch):
+    import rdcd.extract
+
+    references = tmp_path / "refs"
+    if problem == "empty":
+        references.mkdir()
+    embedded = []
+    monkeypatch.setattr(rdcd.extract, "extract", lambda *a, **k: embedded.append(a))
+    with pytest.raises(FileNotFoundError, match=f"references: {references}"):
+        match_fn(image_folder, references, model="phash")
+    assert not embedded
+
+
+def test_match_checks_dimensions_before_embedding(image_folder, tmp_path, monkeypatch):
+    import rdcd.extract
+
+    write_descriptors(tmp_path / "r.h5", ["a", "b"], np.eye(2, 32, dtype=np.float32))
+    embedded = []
+    monkeypatch.setattr(rdcd.extract, "extract", lambda *a, **k: embedded.append(a))
+    with pytest.raises(ValueError, match="queries 64, references 32"):
+        match_fn(image_folder, tmp_path / "r.h5", model="phash")
+    assert not embedded
+
+
+def test_cli_warnings_carry_the_rdcd_prefix(tmp_path, capsys):
+    from rdcd.cli import main
+
+    vectors = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
+    write_descriptors(tmp_path / "q.h5", [f"Q{i}" for i in range(6)], vectors, info={"rdcd.input_size": "160"})
+    write_descriptors(tmp_path / "r.h5", [f"R{i}" for i in range(6)], vectors, info={"rdcd.input_size": "224"})
+    assert main(["match", "--queries", str(tmp_path / "q.h5"), "--references", str(tmp_path / "r.h5"),
+                 "--output", str(tmp_path / "p.csv")]) == 0
+    assert "rdcd: warning: the sets' descriptors differ in rdcd.input_size" in capsys.readouterr().err

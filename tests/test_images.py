@@ -1,5 +1,6 @@
 """Image loading never crashes: every mode to RGB, EXIF, animation, bombs, broken files."""
 import io
+import os
 
 import numpy as np
 import pytest
@@ -84,13 +85,38 @@ def test_bad_files_raise_with_name_and_reason(tmp_path):
         reasons[name] = e.value.reason
     assert "empty" in reasons["empty.jpg"]
     assert "identify" in reasons["text.jpg"]
-    assert "truncated" in reasons["trunc.jpg"]
+    assert reasons["trunc.jpg"].startswith("truncated image")
+    assert reasons["missing.jpg"] == "not found"
+
+
+def test_reasons_name_the_real_cause(tmp_path):
+    """A directory in a file list and an unreadable file are not 'corrupt or truncated'."""
+    folder = tmp_path / "folder.jpg"
+    folder.mkdir()
+    locked = save(picture(1), tmp_path / "locked.jpg")
+    locked.chmod(0)
+    reasons = {}
+    try:
+        for path in (folder, locked):
+            as_root = os.geteuid() == 0 and path == locked
+            if as_root:  # root reads any file: look at it as an ordinary user
+                os.seteuid(65534)
+            try:
+                with pytest.raises(ImageLoadError) as e:
+                    open_image(path)
+            finally:
+                if as_root:
+                    os.seteuid(0)
+            reasons[path.name] = e.value.reason
+    finally:
+        locked.chmod(0o644)
+    assert reasons == {"folder.jpg": "is a directory, not an image file", "locked.jpg": "permission denied"}
 
 
 def test_decompression_bomb_refused(tmp_path):
     big = save(Image.new("1", (3000, 3000)), tmp_path / "bomb.png")
     assert big.stat().st_size < 50_000  # small file, many pixels
-    with pytest.raises(ImageLoadError, match="exceeds the limit"):
+    with pytest.raises(ImageLoadError, match="too many pixels: 3000x3000 = 9000000 exceeds rdcd's limit of 1000000"):
         open_image(big, max_pixels=1_000_000)
     assert open_image(big).size == (3000, 3000)  # default limit lets it through
 

@@ -99,7 +99,7 @@ def test_errors_say_what_to_do(synthetic_set, tmp_path):
     with pytest.raises(ValueError, match="needs a model"):
         match(tmp_path / "images", files["references"])
     write_descriptors(tmp_path / "small.h5", ["a", "b"], np.eye(2, 8, dtype=np.float32))
-    with pytest.raises(ValueError, match="dimension 8 but references 32"):
+    with pytest.raises(ValueError, match="differ in dimension \\(queries 8, references 32\\)"):
         match(tmp_path / "small.h5", files["references"])
 
 

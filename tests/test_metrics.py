@@ -252,3 +252,22 @@ def test_separation_by_hand():
     # a non-copy identical to a reference hits the floor eps instead of log(0)
     clamp = separation(["Q"], refs[:1], ["R1", "R2"], refs, {"Q": None})
     assert clamp["pos_cos"] is None and clamp["hn"] == pytest.approx(-np.log(1e-3))
+
+
+def test_csv_with_a_byte_order_mark_and_crlf_lines(tmp_path):
+    """As spreadsheet programs save CSV: UTF-8 BOM first, CRLF line ends."""
+    (tmp_path / "p.csv").write_bytes("\ufeffquery_id,reference_id,score\r\nQ1,R1,0.5\r\nQ2,R9,0.25\r\n".encode())
+    (tmp_path / "gt.csv").write_bytes("\ufeffquery_id,reference_id\r\nQ1,R1\r\nQ2,\r\n".encode())
+    assert read_predictions(tmp_path / "p.csv").rows() == [("Q1", "R1", 0.5), ("Q2", "R9", 0.25)]
+    assert read_ground_truth(tmp_path / "gt.csv") == {"Q1": "R1", "Q2": None}
+
+
+def test_predictions_with_no_query_in_the_ground_truth_are_an_error(tmp_path, capsys):
+    from rdcd.cli import main
+
+    write_predictions(tmp_path / "p.csv", [("q1.jpg", "R1", 0.9), ("q2.jpg", "R2", 0.8)])
+    write_ground_truth(tmp_path / "gt.csv", {"Q1": "R1", "Q2": "R2"})
+    with pytest.raises(ValueError, match="none of the 2 query ids of the predictions .*'q1.jpg'.* 'Q1'"):
+        evaluate(read_predictions(tmp_path / "p.csv"), read_ground_truth(tmp_path / "gt.csv"))
+    assert main(["eval", "--predictions", str(tmp_path / "p.csv"), "--ground-truth", str(tmp_path / "gt.csv")]) == 1
+    assert "rdcd eval: error: none of the 2 query ids" in capsys.readouterr().err

@@ -58,7 +58,7 @@ def test_fitted_projection_is_a_model_file_reused_from_the_cache(tiny_student_fi
     background = extract(base, image_folder, progress=False).vectors
     images = np.stack([np.asarray(picture(50 + i).resize((64, 64))) for i in range(3)])
     expected = PCAWhitening(8).fit(background).transform(base.embed(images))
-    assert np.allclose(model.embed(images), expected, atol=1e-5)
+    assert np.allclose(model.embed(images), expected, atol=2e-4)  # ONNX Runtime vs PyTorch rounding
     with pytest.raises(ValueError, match="pcaw64.*12 background images"):
         fit_projection(f"{tiny_student_file}+pcaw64", image_folder, progress=False)
 

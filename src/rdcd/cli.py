@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import re
 import sys
 
@@ -44,7 +45,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class _Prefixed(logging.Formatter):
+    """Library warnings as ``rdcd: warning: ...``, like the commands' own messages."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"rdcd: {record.levelname.lower()}: {record.getMessage()}"
+
+
+_handler = logging.StreamHandler()
+_handler.setFormatter(_Prefixed())
+
+
 def main(argv: list[str] | None = None) -> int:
+    _handler.stream = sys.stderr  # the stderr of this call (tests and embedding programs replace it)
+    logging.getLogger("rdcd").addHandler(_handler)  # once: a logger keeps one copy of a handler
     argv = sys.argv[1:] if argv is None else list(argv)
     # rdcd's own options take no value, so the first other word names the command
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))

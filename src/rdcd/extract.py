@@ -1,17 +1,16 @@
 """Image files -> descriptors, resumable and shardable.
 
-The file list is cut into chunks (``chunk_size`` images). Each finished chunk is saved at once in
-``OUTPUT.partial/`` (atomic writes), so a killed run loses at most the chunk in flight and a new
-run with the same arguments skips every finished chunk. Under ``torchrun`` each rank embeds the
-chunks ``i % world_size == rank``; rank 0 gathers them (no shared filesystem needed), writes
-the final file atomically and removes the partial folder. Files that cannot be decoded are
-skipped, named on stderr and in ``OUTPUT.failures.csv``.
+The file list is cut into chunks. Each finished chunk is saved at once in ``OUTPUT.partial/``
+(atomic writes) with the settings that made it (``rdcd.resume``), so a killed run loses at most the
+chunk in flight and a new run with the same settings skips every finished chunk. Under ``torchrun``
+each rank embeds the work units ``j % world_size == rank``; rank 0 gathers them (no shared
+filesystem needed), writes the final file atomically and removes the partial folder. Files that
+cannot be decoded are skipped, named on stderr and in ``OUTPUT.failures.csv``.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
-import hashlib
-import json
 import os
 import queue
 import shutil
@@ -25,9 +24,10 @@ from typing import Sequence
 import numpy as np
 
 from . import distributed as du
-from .descriptors import atomic_path, write_descriptors
+from .descriptors import atomic_path, check_descriptor_suffix, unstorable_id, write_descriptors
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, check_unique_ids, list_images, load_image_array
 from .models import DescriptorModel, load_model
+from .resume import Chunk, OutputLock, plan_units, reusable_chunks, run_settings, save_chunk
 
 
 @dataclass
@@ -45,16 +45,21 @@ class ExtractResult:
 
 
 class ImageFiles:
-    """Decoded, resized images; a bad file yields its error instead of raising (a map-style dataset
-    for torch's DataLoader, which needs no base class)."""
+    """Decoded, resized images; a bad file yields its error instead of raising, and the files of
+    ``refused`` ({index: reason}) yield that reason without being read (a map-style dataset for
+    torch's DataLoader, which needs no base class)."""
 
-    def __init__(self, paths: Sequence[Path], size: int, max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = False):
+    def __init__(self, paths: Sequence[Path], size: int, max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = False,
+                 refused: dict[int, str] | None = None):
         self.paths, self.size, self.max_pixels, self.draft = list(paths), size, max_pixels, draft
+        self.refused = refused or {}
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        if i in self.refused:
+            return i, None, self.refused[i]
         try:
             return i, load_image_array(self.paths[i], self.size, self.max_pixels, self.draft), None
         except ImageLoadError as e:
@@ -69,30 +74,35 @@ def _collate(items):
     return idx, arr, bad
 
 
-def _chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
-    return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
-
-
-def _run_key(model: DescriptorModel, size: int, paths: Sequence[Path], chunk_size: int, draft: bool = True) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([type(model).__name__, model.name, model.dim, size, chunk_size,
-                         "draft-decode" if draft else "exact-decode"]).encode())
-    for p in paths:
-        h.update(str(p).encode() + b"\0")
-    return h.hexdigest()[:16]
+#: ``chunk_size=None``: a chunk is saved once it holds this many seconds of work, so a kill loses about that much
+AUTO_CHUNK_SECONDS = 30.0
+#: ``chunk_size=None``: the most images in one chunk, and the share of work a torchrun rank takes at a time
+AUTO_UNIT = 1024
 
 
 def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os.PathLike | None = None,
             size: int | None = None, batch_size: int = 32, workers: int | None = None, strict: bool = False,
-            chunk_size: int = 1024, progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
+            chunk_size: int | None = None, progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
             draft: bool = True, resume: bool = True, runtime: str = "auto",
-            prefetch: bool = True, precision: str = "auto", background=None) -> ExtractResult:
+            prefetch: bool = True, precision: str = "auto", chunk_seconds: float = AUTO_CHUNK_SECONDS,
+            background=None) -> ExtractResult:
     """Embed every image of a folder / file list / list of paths with ``model``.
 
     Writes ``output`` (``.h5`` DISC2021 layout or ``.npy`` + ids) when given, and the failures CSV
     beside it. Returns the ids (file stems, in input order, bad files left out), the vectors and
     the failures. Raises ``RuntimeError`` if nothing could be embedded, or if ``strict`` and any
     file failed (the good descriptors are written first, so no work is lost).
+
+    Before the first image is embedded: the inputs are listed (a missing or empty folder raises),
+    ids are checked unique, the output format is checked, the model is loaded, and files whose id
+    the output cannot store (non-ASCII names in DISC2021 HDF5, whose readers decode ids as ASCII)
+    are listed as failures up front; the rest are embedded.
+
+    Finished chunks are saved in ``OUTPUT.partial/`` with the settings that made them
+    (``rdcd.resume``); a new run reuses those made with its own settings (any chunk size) unless
+    ``resume`` is off, and discards the others, saying so. ``OUTPUT.lock`` keeps a second run off
+    the same output. ``chunk_size``: images per chunk; ``None`` (default) saves a chunk whenever it
+    holds ``chunk_seconds`` of work (at most ``AUTO_UNIT`` images), so a kill loses about that much.
 
     ``runtime``: ``auto`` runs a PyTorch model file on the CPU through ONNX Runtime (same
     descriptors to fp32 rounding, faster; see ``rdcd.export.choose_runtime``), ``torch`` keeps
@@ -111,6 +121,13 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
     embeds this one (Pillow and the runtimes release the GIL).
     """
     du.init_distributed()
+    paths = list_images(images)
+    ids_all = check_unique_ids(paths)
+    output = Path(output) if output else None
+    if output is not None:
+        check_descriptor_suffix(output)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk size must be at least 1, not {chunk_size}")
     from .models.projected import resolve_projection
 
     # BASE+pcawDIM: the projection fitted on ``background`` images (or reused from the cache) first
@@ -122,87 +139,55 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
     if progress and du.is_main():
         print(f"rdcd: {how}", file=sys.stderr)
     size = int(size or model.input_size)
-    paths = list_images(images)
-    ids_all = check_unique_ids(paths)
+    refused = {} if output is None else {
+        i: why for i, why in enumerate(unstorable_id(image_id, output) for image_id in ids_all) if why}
+    if refused and du.is_main():
+        shown = "; ".join(f"{paths[i]}: {why}" for i, why in list(refused.items())[:5])
+        print(f"rdcd: {len(refused)} file(s) skipped before embedding, their ids cannot be stored in {output}: "
+              f"{shown}{'; ...' if len(refused) > 5 else ''}", file=sys.stderr)
     if workers is None:
         workers = 0 if du.cpu_threads_per_process() <= 2 else min(4, du.cpu_threads_per_process() // 2)
+    settings = run_settings(model, size, draft, max_pixels, paths)
+    dataset = ImageFiles(paths, size, max_pixels, draft, refused)
+    run = dict(batch_size=batch_size, workers=workers, prefetch=prefetch, draft=draft, fixed=chunk_size is not None,
+               chunk_seconds=chunk_seconds)
+    with OutputLock(output) if output is not None and du.is_main() else contextlib.nullcontext():
+        return _extract_locked(model, paths, ids_all, output, settings, dataset, run, chunk_size or AUTO_UNIT,
+                               resume, progress, strict)
 
-    output = Path(output) if output else None
+
+def _extract_locked(model, paths, ids_all, output, settings, dataset, run, unit, resume, progress, strict):
     partial = output.with_name(output.name + ".partial") if output else None
-    key = _run_key(model, size, paths, chunk_size, draft)
-    if partial is not None and du.is_main():
-        _prepare_partial(partial, key, resume)
+    kept, units = [], None
+    if du.is_main():
+        if partial is not None:
+            kept = reusable_chunks(partial, settings, resume)
+            partial.mkdir(parents=True, exist_ok=True)
+        units = plan_units(len(paths), kept, unit)
+    units = du.broadcast_object(units)
     du.barrier()
-
-    chunks = _chunk_bounds(len(paths), chunk_size)
-    mine = [c for c in range(len(chunks)) if c % du.world_size() == du.rank()]
-    results: dict[int, tuple[list[int], np.ndarray, list[tuple[int, str]]]] = {}
-    todo = []
-    for c in mine:
-        saved = _load_chunk(partial, c) if partial is not None else None
-        if saved is not None:
-            results[c] = saved
-        else:
-            todo.append(c)
+    mine = [u for j, u in enumerate(units) if j % du.world_size() == du.rank()]
 
     start = time.perf_counter()
-    n_todo = sum(chunks[c][1] - chunks[c][0] for c in todo)
+    n_todo = sum(e - s for s, e in mine)
     bar = _progress(n_todo, progress and du.is_main(), model, du.world_size(), len(paths) - n_todo)
-    dataset = ImageFiles(paths, size, max_pixels, draft)
-    batches = [list(range(s, e))[b:b + batch_size] for c in todo for s, e in [chunks[c]]
-               for b in range(0, e - s, batch_size)]
-    if workers:
-        from torch.utils.data import DataLoader
-
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
-                            persistent_workers=False)
-    else:  # what DataLoader does without workers, without importing torch for an ONNX model
-        loader = (_collate([dataset[i] for i in batch]) for batch in batches)
-    prefetch = prefetch and workers == 0  # worker processes decode ahead already
-    if progress and du.is_main() and batches:
-        how = (f"in {workers} worker process(es)" if workers else "in this process"
-               + (", the next batch in a thread while this one is embedded" if prefetch else ""))
-        how += ("; JPEG draft mode (the decoder downscales large JPEGs; --exact-decode to decode every pixel)"
-                if draft else "; every pixel decoded (--exact-decode)")
-        print(f"rdcd: decoding {how}", file=sys.stderr)
-    pending: dict[int, list] = {c: [[], [], []] for c in todo}
-    chunk_of = {i: c for c in todo for i in range(*chunks[c])}
-    remaining = {c: chunks[c][1] - chunks[c][0] for c in todo}
-    for idx, arr, bad in (prefetched(loader) if prefetch else loader):
-        vecs = model.embed(arr) if arr is not None else np.zeros((0, model.dim), np.float32)
-        for i, v in zip(idx, vecs):
-            c = chunk_of[i]
-            pending[c][0].append(i)
-            pending[c][1].append(v)
-            remaining[c] -= 1
-        for i, reason in bad:
-            c = chunk_of[i]
-            pending[c][2].append((i, reason))
-            remaining[c] -= 1
-            bar.write(f"rdcd: skipped {paths[i]}: {reason}", file=sys.stderr)
-        bar.update(len(idx) + len(bad))
-        for c in [c for c in list(pending) if remaining[c] == 0]:
-            got_idx, got_vecs, got_bad = pending.pop(c)
-            vec = np.stack(got_vecs).astype(np.float32) if got_vecs else np.zeros((0, model.dim), np.float32)
-            results[c] = (got_idx, vec, got_bad)
-            if partial is not None:
-                _save_chunk(partial, c, *results[c])
+    save = (lambda chunk: save_chunk(partial, chunk, settings)) if partial is not None else (lambda chunk: None)
+    done = _embed_units(model, dataset, mine, run, save, bar, progress)
     bar.close()
     seconds = time.perf_counter() - start
 
-    gathered = du.gather_objects_to_main(results)
+    gathered = du.gather_objects_to_main(done)
     result = ExtractResult([], np.zeros((0, model.dim), np.float32), [], output, seconds, model.name)
     if du.is_main():
-        merged = {c: part for ranks_results in gathered for c, part in ranks_results.items()}
-        order = sorted(merged)
-        idx = [i for c in order for i in merged[c][0]]
-        if order:
-            result.vectors = np.concatenate([merged[c][1] for c in order])
-        result.ids = [ids_all[i] for i in idx]
-        result.failures = [(str(paths[i]), r) for c in order for i, r in merged[c][2]]
+        merged = sorted(kept + [c for rank_chunks in gathered for c in rank_chunks], key=lambda c: c.start)
+        if merged:
+            result.vectors = np.concatenate([c.vectors for c in merged])
+        result.ids = [ids_all[i] for c in merged for i in c.idx]
+        result.failures = [(str(paths[i]), r) for c in merged for i, r in c.failed]
         if output is not None:
             if result.ids:
-                write_descriptors(output, result.ids, result.vectors, info=descriptor_info_of(model, size, draft))
+                write_descriptors(output, result.ids, result.vectors,
+                                  info=descriptor_info_of(model, settings["input_size"], run["draft"]))
             _write_failures(output, result.failures)
             shutil.rmtree(partial, ignore_errors=True)
         if result.failures:
@@ -215,6 +200,48 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
         raise RuntimeError(f"{n_bad} file(s) could not be embedded and strict mode is on "
                            f"(the {n_ok} good descriptors were written)")
     return result
+
+
+def _embed_units(model, dataset, units, run, save, bar, progress) -> list[Chunk]:
+    """Embed the images of ``units`` (ranges of the input list) batch by batch, in order; a chunk is
+    saved at the end of each unit and, without a fixed chunk size, whenever it holds
+    ``chunk_seconds`` of work."""
+    batches = [(b, min(b + run["batch_size"], e)) for s, e in units for b in range(s, e, run["batch_size"])]
+    unit_ends = {e for _, e in units}
+    workers = run["workers"]
+    if workers:
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(dataset, batch_sampler=[list(range(s, e)) for s, e in batches], num_workers=workers,
+                            collate_fn=_collate, persistent_workers=False)
+    else:  # what DataLoader does without workers, without importing torch for an ONNX model
+        loader = (_collate([dataset[i] for i in range(s, e)]) for s, e in batches)
+    prefetch = run["prefetch"] and workers == 0  # worker processes decode ahead already
+    if progress and du.is_main() and batches:
+        how = (f"in {workers} worker process(es)" if workers else "in this process"
+               + (", the next batch in a thread while this one is embedded" if prefetch else ""))
+        how += ("; JPEG draft mode (the decoder downscales large JPEGs; --exact-decode to decode every pixel)"
+                if run["draft"] else "; every pixel decoded (--exact-decode)")
+        print(f"rdcd: decoding {how}", file=sys.stderr)
+    done: list[Chunk] = []
+    pending = None  # the chunk being filled: start, embedded indices, vectors, failures, time started
+    for (first, last), (idx, arr, bad) in zip(batches, prefetched(loader) if prefetch else loader):
+        if pending is None:
+            pending = (first, [], [], [], time.perf_counter())
+        vecs = model.embed(arr) if arr is not None else np.zeros((0, model.dim), np.float32)
+        pending[1].extend(idx)
+        pending[2].extend(vecs)
+        pending[3].extend(bad)
+        for i, reason in bad:
+            bar.write(f"rdcd: skipped {dataset.paths[i]}: {reason}", file=sys.stderr)
+        bar.update(len(idx) + len(bad))
+        if last in unit_ends or (not run["fixed"] and time.perf_counter() - pending[4] >= run["chunk_seconds"]):
+            vectors = np.stack(pending[2]).astype(np.float32) if pending[2] else np.zeros((0, model.dim), np.float32)
+            chunk = Chunk(pending[0], last, pending[1], vectors, pending[3])
+            save(chunk)
+            done.append(chunk)
+            pending = None
+    return done
 
 
 def descriptor_info_of(model: DescriptorModel, size: int, draft: bool) -> dict[str, str]:
@@ -372,39 +399,6 @@ def _write_failures(output: Path, failures: list[tuple[str, str]]) -> None:
             w = csv.writer(fh)
             w.writerow(["path", "reason"])
             w.writerows(failures)
-
-
-def _prepare_partial(partial: Path, key: str, resume: bool) -> None:
-    marker = partial / "run.json"
-    if partial.exists():
-        same = marker.exists() and json.loads(marker.read_text()).get("key") == key
-        if resume and same:
-            n = len(list(partial.glob("chunk_*.npz")))
-            print(f"rdcd: resuming, {n} finished chunk(s) found in {partial}", file=sys.stderr)
-            return
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    marker.write_text(json.dumps({"key": key}))
-
-
-def _chunk_file(partial: Path, c: int) -> Path:
-    return partial / f"chunk_{c:06d}.npz"
-
-
-def _save_chunk(partial: Path, c: int, idx, vec, bad) -> None:
-    with atomic_path(_chunk_file(partial, c), ".npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, idx=np.asarray(idx, np.int64), vec=vec,
-                     bad_idx=np.asarray([i for i, _ in bad], np.int64),
-                     bad_reason=np.asarray([r for _, r in bad], dtype=str))
-
-
-def _load_chunk(partial: Path, c: int):
-    f = _chunk_file(partial, c)
-    if not f.exists():
-        return None
-    with np.load(f) as z:
-        return list(z["idx"].tolist()), z["vec"], list(zip(z["bad_idx"].tolist(), z["bad_reason"].tolist()))
 
 
 def _progress(total: int, enabled: bool, model: DescriptorModel, world: int, done: int):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -63,13 +64,8 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
     >= draft_size (much faster for large photos that will be resized anyway).
     """
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise ImageLoadError(path, f"cannot read file ({e.strerror or e})") from None
-    if size == 0:
-        raise ImageLoadError(path, "empty file (0 bytes)")
-    return _decode(path, path, max_pixels, draft_size)
+    with _open_file(path) as fh:
+        return _decode(fh, path, max_pixels, draft_size)
 
 
 def decode_image(data: bytes, name: str = "upload", max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -85,8 +81,8 @@ def _decode(source, name, max_pixels: int, draft_size: int | None) -> Image.Imag
         with Image.open(source) as im:
             w, h = im.size
             if w * h > max_pixels:
-                raise ImageLoadError(name, f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-                                           "(decompression bomb guard; raise max_pixels if the file is trusted)")
+                raise ImageLoadError(name, f"too many pixels: {w}x{h} = {w * h} exceeds rdcd's limit of {max_pixels} "
+                                           "(max_pixels, a decompression-bomb guard; raise it if the file is trusted)")
             if getattr(im, "is_animated", False):
                 im.seek(0)
             if draft_size and im.format == "JPEG":
@@ -99,12 +95,40 @@ def _decode(source, name, max_pixels: int, draft_size: int | None) -> Image.Imag
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageLoadError(name, f"decompression bomb refused ({e})") from None
+        raise ImageLoadError(name, f"too many pixels: {e} (Pillow's own guard, Image.MAX_IMAGE_PIXELS)") from None
     except Image.UnidentifiedImageError:
         raise ImageLoadError(name, "not an image file Pillow can identify") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as e:
-        raise ImageLoadError(name, f"corrupt or truncated image ({type(e).__name__}: {e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError,
+            struct.error, ZeroDivisionError, KeyError, OverflowError) as e:
+        raise ImageLoadError(name, f"{_damage(e)} image ({type(e).__name__}: {e})") from None
     return rgb
+
+
+def _open_file(path: Path):
+    """The file opened for reading, or ImageLoadError saying why not (not found, a directory,
+    permission denied, empty)."""
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise ImageLoadError(path, "not found") from None
+    except IsADirectoryError:
+        raise ImageLoadError(path, "is a directory, not an image file") from None
+    except PermissionError:
+        raise ImageLoadError(path, "permission denied") from None
+    except OSError as e:
+        raise ImageLoadError(path, f"cannot read file ({e.strerror or e})") from None
+    if os.fstat(fh.fileno()).st_size == 0:
+        fh.close()
+        raise ImageLoadError(path, "empty file (0 bytes)")
+    return fh
+
+
+def _damage(error: BaseException) -> str:
+    """'truncated' where the decoder ran out of data, else 'corrupt'."""
+    text = str(error).lower()
+    truncated = isinstance(error, EOFError) or any(
+        word in text for word in ("truncated", "broken data stream", "not enough data", "premature end"))
+    return "truncated" if truncated else "corrupt"
 
 
 def resize_square(im: Image.Image, size: int) -> np.ndarray:

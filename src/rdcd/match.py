@@ -15,7 +15,8 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from rdcd.descriptors import atomic_path, descriptor_info, read_descriptors
+from rdcd.descriptors import atomic_path, descriptor_dim, descriptor_info, read_descriptors
+from rdcd.images import list_images
 from rdcd.metrics import Predictions, write_predictions
 from rdcd.postprocess import PCAWhitening, ScoreNormalizer
 from rdcd.search import Index, as_matrix, best_pairs, knn_pairs, set_threads
@@ -69,10 +70,7 @@ def load_set(
     if not is_image_source(source):
         return read_descriptors(source)
     if model is None:
-        raise ValueError(
-            f"{name}: {_describe(source)} is not a descriptor file ({', '.join(DESCRIPTOR_SUFFIXES)}), so it is read "
-            "as images, which needs a model: pass model= (CLI: --model NAME_OR_FILE; `rdcd models` lists names)"
-        )
+        raise _needs_model(name, source)
     from rdcd.extract import extract
 
     output = Path(keep_descriptors_dir) / f"{name}.h5" if keep_descriptors_dir else None
@@ -80,6 +78,35 @@ def load_set(
     if result.failures:
         log.warning("%s: %d image(s) could not be read and are left out", name, len(result.failures))
     return list(result.ids), result.vectors
+
+
+def check_sets(sets: dict[str, ImageSet], model=None) -> int:
+    """Check, without embedding anything, that every set can be read and that all have one
+    dimension (images: the model's); returns it. Raises FileNotFoundError / ValueError naming the set."""
+    dims = {}
+    for name, source in sets.items():
+        if _in_memory(source):
+            dims[name] = np.asarray(source[1]).shape[-1]
+        elif not is_image_source(source):
+            dims[name] = descriptor_dim(source)
+        elif model is None:
+            raise _needs_model(name, source)
+        else:
+            try:
+                list_images(source)
+            except (FileNotFoundError, ValueError) as e:
+                raise type(e)(f"{name}: {e}") from None
+            dims[name] = model.dim
+    if len(set(dims.values())) > 1:
+        raise ValueError("the sets' descriptors differ in dimension (" + ", ".join(f"{n} {d}" for n, d in dims.items())
+                         + "); all sets must come from the same model")
+    return next(iter(dims.values()))
+
+
+def _needs_model(name: str, source) -> ValueError:
+    return ValueError(
+        f"{name}: {_describe(source)} is not a descriptor file ({', '.join(DESCRIPTOR_SUFFIXES)}), so it is read "
+        "as images, which needs a model: pass model= (CLI: --model NAME_OR_FILE; `rdcd models` lists names)")
 
 
 def _in_memory(source) -> bool:
@@ -191,6 +218,7 @@ def match(
     threshold: float | str | None = None,
     precision: str = "auto",
     draft: bool = True,
+    allow_mixed_models: bool = False,
 ) -> Predictions:
     """Candidate copy pairs between ``queries`` and ``references``, best first within each query (kNN mode)
     or over all queries (``global_n``).
@@ -210,6 +238,10 @@ def match(
     they are also written to ``*.copies.csv``. All candidate pairs stay in the predictions.
     ``precision``: how a model embeds image sets, as ``rdcd.extract.prepare_model`` (``auto``: a
     shipped model's int8 file on a CPU); ``draft``: JPEG draft decoding (as ``rdcd.extract.extract``).
+
+    Everything checkable is checked before any image is embedded: every set exists and holds
+    images or readable descriptor files, the model loads, the dimensions agree, and descriptor files
+    made by different models raise unless ``allow_mixed_models`` (``check_same_origin``).
     """
     if (score_norm or whiten_dim) and background is None:
         raise ValueError(
@@ -248,13 +280,15 @@ def match(
         model, how = prepare_model(model, precision=precision)
         config.runtime, config.draft = how, draft
         log.info("%s", how)
+    named = {"queries": queries, "references": references}
+    if background is not None and (score_norm or whiten_dim):
+        named["background"] = background
+    check_sets(named, model)
+    check_same_origin({name: _set_info(source, model, draft) for name, source in named.items()}, allow_mixed_models)
     load = dict(model=model, keep_descriptors_dir=keep_descriptors_dir, batch_size=batch_size, workers=workers,
                 draft=draft)
     query_ids, query_vectors = load_set(queries, name="queries", **load)
     reference_ids, reference_vectors = load_set(references, name="references", **load)
-    check_same_origin({name: _set_info(source, model, draft) for name, source in
-                       (("queries", queries), ("references", references), ("background", background))
-                       if source is not None})
     if query_vectors.shape[1] != reference_vectors.shape[1]:
         raise ValueError(
             f"query descriptors have dimension {query_vectors.shape[1]} but references {reference_vectors.shape[1]}; "
@@ -320,17 +354,22 @@ def _set_info(source, model, draft: bool) -> dict[str, str]:
 ORIGIN_KEYS = ("rdcd.model", "rdcd.input_size", "rdcd.decode")
 
 
-def check_same_origin(infos: dict[str, dict[str, str]]) -> list[str]:
-    """Warn (and return the messages) where the sets' descriptors were made differently: another
-    model or precision (``-int8`` names), input size or JPEG decoding. Their scores would then not be
-    comparable. Sets that say nothing (``.npy``, other tools, in memory) are not checked."""
+def check_same_origin(infos: dict[str, dict[str, str]], allow_mixed_models: bool = False) -> list[str]:
+    """Compare how the sets' descriptors were made. Different models (not just the int8 and fp32
+    files of one model) raise ValueError unless ``allow_mixed_models``: their scores mean nothing.
+    Another precision (``-int8`` names), input size or JPEG decoding, or mixed models allowed, are
+    warned about (and the messages returned). Sets that say nothing (``.npy``, other tools, in
+    memory) are not checked."""
     problems = []
     for key in ORIGIN_KEYS:
         seen = {name: info[key] for name, info in infos.items() if key in info}
         if len(set(seen.values())) > 1:
-            problems.append(f"the sets' descriptors differ in {key}: "
-                            + ", ".join(f"{name} {value}" for name, value in seen.items())
-                            + "; scores between them are not comparable: make them all with one model and settings")
+            message = (f"the sets' descriptors differ in {key}: " + ", ".join(f"{n} {v}" for n, v in seen.items())
+                       + "; scores between them are not comparable: make them all with one model and settings")
+            models = {v.removesuffix("-int8") for v in seen.values()}
+            if key == "rdcd.model" and len(models) > 1 and not allow_mixed_models:
+                raise ValueError(message + " (or allow it: allow_mixed_models=True, CLI --allow-mixed-models)")
+            problems.append(message)
     for message in problems:
         log.warning("%s", message)
     return problems

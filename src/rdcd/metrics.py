@@ -65,57 +65,62 @@ def as_predictions(predictions: Predictions | Sequence[tuple[str, str, float]]) 
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _open_csv(path: Path, expected_header: tuple[str, ...]):
+def _csv_rows(path: Path, expected_header: tuple[str, ...]):
+    """(line number, row) of a CSV file after its header line; ValueError naming the file for a wrong
+    header, bytes that are not UTF-8, or rows the csv module cannot parse."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: file not found")
-    fh = open(path, newline="")
-    reader = csv.reader(fh)
-    header = next(reader, None)
-    if header is None or tuple(h.strip() for h in header[: len(expected_header)]) != expected_header:
-        fh.close()
-        raise ValueError(f"{path}: expected a header line {','.join(expected_header)!r}, found {header!r}")
-    return fh, reader
+    line = 1
+    try:
+        # utf-8-sig: spreadsheet programs start CSV files with a byte-order mark; newline="": CRLF rows read as rows
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None or tuple(h.strip() for h in header[: len(expected_header)]) != expected_header:
+                raise ValueError(f"{path}: expected a header line {','.join(expected_header)!r}, found {header!r}")
+            for line, row in enumerate(reader, start=2):
+                yield line, row
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path}, line {line}: not a readable UTF-8 CSV file ({e})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder, not a CSV file") from None
 
 
 def read_ground_truth(path: str | os.PathLike) -> dict[str, str | None]:
     """DISC2021 ground truth CSV ``query_id,reference_id`` -> {query_id: reference_id or None}."""
     path = Path(path)
-    fh, reader = _open_csv(path, ("query_id", "reference_id"))
     gt: dict[str, str | None] = {}
-    with fh:
-        for line, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            query = row[0].strip()
-            reference = row[1].strip() if len(row) > 1 else ""
-            if not query:
-                raise ValueError(f"{path}, line {line}: empty query id")
-            if query in gt:
-                raise ValueError(
-                    f"{path}, line {line}: query {query!r} listed twice; DISC2021 ground truth has one row per query"
-                )
-            gt[query] = reference or None
+    for line, row in _csv_rows(path, ("query_id", "reference_id")):
+        if not row:
+            continue
+        query = row[0].strip()
+        reference = row[1].strip() if len(row) > 1 else ""
+        if not query:
+            raise ValueError(f"{path}, line {line}: empty query id")
+        if query in gt:
+            raise ValueError(
+                f"{path}, line {line}: query {query!r} listed twice; DISC2021 ground truth has one row per query"
+            )
+        gt[query] = reference or None
     return gt
 
 
 def read_predictions(path: str | os.PathLike) -> Predictions:
     """Predictions CSV ``query_id,reference_id,score`` (header line) -> Predictions, in file order."""
     path = Path(path)
-    fh, reader = _open_csv(path, ("query_id", "reference_id", "score"))
     queries, references, scores = [], [], []
-    with fh:
-        for line, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) < 3:
-                raise ValueError(f"{path}, line {line}: expected query_id,reference_id,score, found {row!r}")
-            try:
-                score = float(row[2])
-            except ValueError:
-                raise ValueError(f"{path}, line {line}: score {row[2]!r} is not a number") from None
-            queries.append(row[0].strip())
-            references.append(row[1].strip())
-            scores.append(score)
+    for line, row in _csv_rows(path, ("query_id", "reference_id", "score")):
+        if not row:
+            continue
+        if len(row) < 3:
+            raise ValueError(f"{path}, line {line}: expected query_id,reference_id,score, found {row!r}")
+        try:
+            score = float(row[2])
+        except ValueError:
+            raise ValueError(f"{path}, line {line}: score {row[2]!r} is not a number") from None
+        queries.append(row[0].strip())
+        references.append(row[1].strip())
+        scores.append(score)
     return Predictions(np.array(queries, dtype=str), np.array(references, dtype=str), np.array(scores, np.float64))
 
 
@@ -264,6 +269,7 @@ def evaluate(
         raise ValueError(
             "the ground truth has no matching pairs (every reference_id is empty), so uAP and recall are undefined"
         )
+    check_common_ids(predictions, ground_truth)
     positive, thresholds = _ranked(labelled)
     precision, recall = _curve(positive, n_gt)
     uap = float(np.sum(np.diff(recall, prepend=0.0) * precision))
@@ -284,6 +290,17 @@ def evaluate(
         "n_gt": n_gt,
         "n_predictions": len(predictions),
     }
+
+
+def check_common_ids(predictions: Predictions, ground_truth: Mapping[str, str | None]) -> None:
+    """Raise ValueError when no predicted query id is in the ground truth: the two files then
+    describe different benchmarks (or name images differently), and a uAP of 0 would mean nothing."""
+    if len(predictions) and not np.isin(predictions.query_ids, np.array(list(ground_truth), dtype=str)).any():
+        example = sorted(ground_truth)[:1]
+        raise ValueError(
+            f"none of the {len(np.unique(predictions.query_ids))} query ids of the predictions (e.g. "
+            f"{predictions.query_ids[0]!r}) is in the ground truth (e.g. {example[0] if example else None!r}): "
+            "are they from the same benchmark, with ids named the same way (file stems)?")
 
 
 def separation(query_ids: Sequence[str], query_vectors: np.ndarray, reference_ids: Sequence[str],

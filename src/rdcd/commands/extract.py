@@ -17,9 +17,12 @@ def register(subparsers) -> None:
     p.add_argument("--size", type=int, default=None, help="square input size in px (default: the model's)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: by core count)")
-    p.add_argument("--chunk-size", type=int, default=1024, help="images per resumable chunk")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="images per resumable chunk (default: a chunk is saved every ~30 s of work, at most 1024 "
+                        "images, so a kill loses about that much; a rerun reuses the finished chunks whatever the "
+                        "chunk size)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any file could not be embedded")
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if a partial run exists")
+    p.add_argument("--no-resume", action="store_true", help="start afresh: discard the finished chunks of an interrupted run")
     p.add_argument("--fast-decode", action="store_true", help=argparse.SUPPRESS)  # now the default; accepted so old scripts run
     p.add_argument("--no-prefetch", action="store_true",
                    help="without --workers, decode each batch only after the previous one is embedded "

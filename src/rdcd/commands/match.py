@@ -40,6 +40,9 @@ def register(subparsers) -> None:
                    help="mark pairs scoring at least SCORE as copies: printed and written to OUTPUT.copies.csv; "
                         "auto = the shipped model's calibrated threshold (precision 0.9 on its validation benchmark; "
                         "a starting point, check it on your own data)")
+    p.add_argument("--allow-mixed-models", action="store_true",
+                   help="match descriptor files that say they were made by different models (an error otherwise: "
+                        "their scores are not comparable)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: by core count)")
     p.add_argument("--threads", type=int, default=None, help="FAISS search threads (default: all cores)")
@@ -62,7 +65,7 @@ def run(args) -> int:
         whiten_dim=args.whiten, global_n=args.global_n, output=args.output, keep_descriptors_dir=args.keep_descriptors,
         beta=args.beta, ranks=tuple(args.ranks), nprobe=args.nprobe, ef_search=args.ef_search,
         batch_size=args.batch_size, workers=args.workers, threads=args.threads, threshold=args.threshold,
-        precision=args.precision, draft=not args.exact_decode,
+        precision=args.precision, draft=not args.exact_decode, allow_mixed_models=args.allow_mixed_models,
     )
     print(f"rdcd: {len(predictions)} candidate pairs -> {args.output}", file=sys.stderr)
     # match() resolved beta and the threshold (given, or from the model card) once and recorded them

@@ -131,6 +131,8 @@ def load_model(model: str | os.PathLike | DescriptorModel, **kwargs) -> Descript
             f"model {spec!r} is neither a known name ({', '.join(sorted(MODEL_REGISTRY))}, student:BACKBONE[:DIM], "
             "gem:BACKBONE, NAME@SIZE, NAME+pcawDIM) nor an existing file; `rdcd models` lists the names"
         )
+    if path.is_dir():
+        raise ValueError(f"model {spec!r} is a folder, not a model file")
     return load_model_file(path, **kwargs)
 
 
@@ -139,9 +141,15 @@ def _untrained_student(spec: str, input_size: int | None = None, device="cpu", *
 
     parts = spec.split(":")
     backbone = parts[1]
+    usage = "expected student:BACKBONE[:DIM], e.g. student:mobilenetv3_large_100:128 (BACKBONE: a timm model name)"
+    if len(parts) > 3 or not backbone or (len(parts) > 2 and not (parts[2].isdecimal() and int(parts[2]) > 0)):
+        raise ValueError(f"model spec {spec!r}: {usage}")
     dim = int(parts[2]) if len(parts) > 2 else 128
-    net = build_student(backbone, dim=dim, input_size=input_size or 288,
-                        pretrained=backbone in OFFLINE_PRETRAINED, name=spec, **kwargs)
+    try:
+        net = build_student(backbone, dim=dim, input_size=input_size or 288,
+                            pretrained=backbone in OFFLINE_PRETRAINED, name=spec, **kwargs)
+    except RuntimeError as e:  # timm: "Unknown model (...)"
+        raise ValueError(f"model spec {spec!r}: {e}; {usage}") from None
     return StudentModel(net, device=device)
 
 
