@@ -113,6 +113,20 @@ def ship_int8(name: str, weights: Path, size: int, calibration: str, valbench: P
 DEFAULT_ROW_YES, DEFAULT_ROW_NO = "| default model | yes (`rdcd-default`) |", "| default model | no |"
 
 
+def take_default_from_others(name: str) -> None:
+    """One default: take the flag from every shipped card but ``name``'s (JSON and Markdown)."""
+    for other in WEIGHTS_DIR.glob("*.json"):
+        if other.name != f"{name}.json":
+            data = json.loads(other.read_text())
+            if data.get("default"):
+                data["default"] = False
+                other.write_text(json.dumps(data, indent=2) + "\n")
+                text = other.with_suffix(".md")
+                if text.exists():
+                    text.write_text(text.read_text().replace(DEFAULT_ROW_YES, DEFAULT_ROW_NO))
+                print(f"{other}: no longer the default")
+
+
 def fmt(x, spec=".3f"):
     return "n/a" if x is None else format(x, spec)
 
@@ -341,17 +355,8 @@ def main() -> None:
                                  Path(args.devbench) if args.devbench else None, thresholds,
                                  val["score_norm"].get("beta", SCORE_NORM_BETA), args.int8_calibration_size,
                                  args.int8_weight_bits)
-    if args.default:  # one default: take the flag from every other card
-        for other in WEIGHTS_DIR.glob("*.json"):
-            if other.name != f"{args.name}.json":
-                data = json.loads(other.read_text())
-                if data.get("default"):
-                    data["default"] = False
-                    other.write_text(json.dumps(data, indent=2) + "\n")
-                    text = other.with_suffix(".md")
-                    if text.exists():
-                        text.write_text(text.read_text().replace(DEFAULT_ROW_YES, DEFAULT_ROW_NO))
-                    print(f"{other}: no longer the default")
+    if args.default:
+        take_default_from_others(args.name)
     (WEIGHTS_DIR / f"{args.name}.json").write_text(json.dumps(card, indent=2) + "\n")
     (WEIGHTS_DIR / f"{args.name}.md").write_text(card_markdown(card, run_info, summary))
     print(json.dumps({k: card[k] for k in ("name", "thresholds")}, indent=2))

@@ -18,7 +18,7 @@ import datetime
 import json
 from pathlib import Path
 
-from ship_model import DEFAULT_ROW_NO, DEFAULT_ROW_YES, bench_model, fmt
+from ship_model import DEFAULT_ROW_NO, DEFAULT_ROW_YES, bench_model, fmt, take_default_from_others
 
 from rdcd.bench import SCORE_NORM_BETA, SCORE_NORM_RANKS, machine_description
 from rdcd.models import load_model
@@ -131,16 +131,7 @@ def main() -> None:
     if args.devbench:
         card["devbench"] = bench_model(model, Path(args.devbench), thresholds, beta=beta)
     if args.default:
-        for other in WEIGHTS_DIR.glob("*.json"):
-            if other.name != f"{args.name}.json":
-                data = json.loads(other.read_text())
-                if data.get("default"):
-                    data["default"] = False
-                    other.write_text(json.dumps(data, indent=2) + "\n")
-                    text = other.with_suffix(".md")
-                    if text.exists():
-                        text.write_text(text.read_text().replace(DEFAULT_ROW_YES, DEFAULT_ROW_NO))
-                    print(f"{other}: no longer the default")
+        take_default_from_others(args.name)
     (WEIGHTS_DIR / f"{args.name}.json").write_text(json.dumps(card, indent=2) + "\n")
     (WEIGHTS_DIR / f"{args.name}.md").write_text(card_markdown(card))
     for key in ("raw", "score_norm"):

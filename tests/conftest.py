@@ -32,14 +32,18 @@ def picture(seed: int, size=(96, 80)) -> Image.Image:
     return im
 
 
+def picture_folder(folder, count: int):
+    """``folder`` made and filled with ``count`` distinct small JPEGs img000.jpg, img001.jpg, ..."""
+    folder.mkdir(parents=True)
+    for i in range(count):
+        picture(i).save(folder / f"img{i:03d}.jpg", quality=92)
+    return folder
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """A folder of 12 distinct small JPEGs."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(12):
-        picture(i).save(folder / f"img{i:03d}.jpg", quality=92)
-    return folder
+    return picture_folder(tmp_path / "images", 12)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import picture
+from conftest import picture, picture_folder
 from faults import env, kill_and_finish, kill_when, rdcd, run
 from rdcd.descriptors import read_descriptors
 
@@ -18,10 +18,7 @@ SEEDS = (1, 2, 3)
 
 @pytest.fixture
 def many_images(tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(60):
-        picture(i).save(folder / f"img{i:03d}.jpg", quality=92)
+    folder = picture_folder(tmp_path / "images", 60)
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     return folder
 

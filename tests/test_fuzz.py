@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from conftest import picture
 from rdcd.descriptors import read_descriptors, write_descriptors

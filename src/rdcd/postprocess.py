@@ -122,7 +122,7 @@ class ScoreNormalizer:
         self.ranks = (first, last)
         self.index = index  # FAISS factory string for searching the background; exact by default
         self.search_params = {"nprobe": nprobe, "ef_search": ef_search}
-        self.background_: faiss.Index | None = None
+        self.background_ = None  # a faiss.Index once fitted
 
     def fit(self, background: np.ndarray) -> "ScoreNormalizer":
         background = as_matrix(background, what="background descriptors")
