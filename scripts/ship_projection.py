@@ -37,6 +37,11 @@ BASE_TERMS = {
 }
 
 
+STUDENT_TERMS = ("rdcd's own RDCD student (weights shipped beside the projection as `*.student.pt`, fp16), "
+                 "trained by `rdcd train` on this project's training pool with the SSCD teacher's outputs; "
+                 "distributed under rdcd's licence. The {dim}-dim projection whitens the student's own descriptors.")
+
+
 def card_markdown(card: dict) -> str:
     val, dev = card["validation"], card.get("devbench")
     beta = val["score_norm"].get("beta", SCORE_NORM_BETA)
@@ -51,6 +56,8 @@ def card_markdown(card: dict) -> str:
         f"| file | `{card['file']}` ({card['file_bytes'] / 1e3:.0f} kB: mean and projection matrix) |",
         DEFAULT_ROW_YES if card.get("default") else DEFAULT_ROW_NO,
         "", "## Licence of the base model", "", card["licence"], "",
+        *([f"Training run: `{card['training']['run']}`, {card['training']['steps']} steps; command: "
+           f"`{' '.join(card['training']['argv'] or [])}`", ""] if card.get("training") else []),
         "## How it was made", "",
         f"- Command: `{card['command']}`",
         f"- Machine: {card['machine']}; date {card['date']}.",
@@ -100,9 +107,22 @@ def main() -> None:
     args = parser.parse_args()
 
     spec = parse_projection(args.spec)
-    if spec is None or spec.base not in BASE_TERMS:
-        raise SystemExit(f"--spec must be BASE[@SIZE]+pcawDIM with BASE one of {', '.join(BASE_TERMS)}")
-    path = fit_projection(spec, args.background, output=WEIGHTS_DIR / f"{args.name}.npz")
+    student_run = spec is not None and spec.base.endswith(".pt") and Path(spec.base).is_file()
+    if spec is None or not (spec.base in BASE_TERMS or student_run):
+        raise SystemExit(f"--spec must be BASE[@SIZE]+pcawDIM with BASE one of {', '.join(BASE_TERMS)} or a "
+                         "trained student's model.pt")
+    training = None
+    if student_run:  # our own student: its fp16 weights ship next to the projection, which names them
+        from rdcd.models.student import load_student, save_student
+
+        run = Path(spec.base).parent
+        argv = json.loads((run / "config.json").read_text())["resolved"].get("argv") or ["rdcd"]
+        training = {"run": str(run), "argv": ["rdcd", *argv[1:]],  # the command, not the interpreter's path
+                    "steps": json.loads((run / "summary.json").read_text()).get("step")}
+        shipped = save_student(load_student(spec.base), WEIGHTS_DIR / f"{args.name}.student.pt", half=True)
+        spec = parse_projection(f"{shipped}{'@' + str(spec.size) if spec.size else ''}+"
+                                f"{'pcaw' if spec.whiten else 'pca'}{spec.dim}")
+    path = fit_projection(spec, args.background, output=WEIGHTS_DIR / f"{args.name}.npz", base_beside=student_run)
     meta = read_projection_meta(path)
     model = load_model(str(path))
     val = bench_model(model, Path(args.valbench))
@@ -114,11 +134,12 @@ def main() -> None:
                   for key in ("raw", "score_norm")}
     card = {
         "name": args.name, "kind": "projection", "file": path.name, "dim": spec.dim, "input_size": meta["input_size"],
-        "base": spec.base, "whiten": spec.whiten, "default": args.default,
+        "base": Path(spec.base).name if student_run else spec.base, "whiten": spec.whiten, "default": args.default,
         "description": args.description or (
             f"{spec.base} (run unmodified at {meta['input_size']} px) reduced to {spec.dim} floats by PCA "
             f"whitening fitted on this project's training pool"),
-        "licence": BASE_TERMS[spec.base].format(dim=spec.dim),
+        "licence": (STUDENT_TERMS if student_run else BASE_TERMS[spec.base]).format(dim=spec.dim),
+        "training": training,
         "file_bytes": path.stat().st_size,
         "fit": {"background": str(args.background), "images": meta["background_images"],
                 "digest": meta["background_digest"], "decode": meta["decode"]},

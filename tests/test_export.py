@@ -267,7 +267,7 @@ def test_extract_runs_a_student_file_through_cached_onnx_runtime(student_file, i
 def test_int8_of_the_shipped_students_is_within_parity(tmp_path):
     """The target for int8 descriptors: a mean cosine to fp32 >= 0.99. What ships: every shipped
     int8 file against its fp32 weights on 48 devbench references (calibration never saw them).
-    What `rdcd export` makes: the default model exported again with the settings its card records,
+    What `rdcd export` makes: the shallow student exported again with the settings its card records,
     but calibrated on the whole training pool instead of the training split, lands close to the
     shipped file. Measured 2026-11-27: shipped files 0.992-0.993 (the shallow default 0.9923); its
     re-export 0.9894 (MinMax calibration moves with the calibration set: 0.989-0.993 over the sets
@@ -277,18 +277,21 @@ def test_int8_of_the_shipped_students_is_within_parity(tmp_path):
     from rdcd.models.shipped import card_for, shipped_cards
 
     images = calibration_images(DEVBENCH / "references", 160, 48)
-    for card in shipped_cards():
+    students = [card for card in shipped_cards() if card.get("int8")]  # projections ship no int8 file
+    assert len(students) == 4
+    for card in students:
         int8, how = prepare_model(card["name"], precision="int8")
         got, want = int8.embed(images), load_model(card["name"]).embed(images)
         assert cosines(got, want).mean() >= 0.99, card["name"]
         assert np.mean((got @ want.T).argmax(axis=1) == np.arange(len(images))) >= 0.95, card["name"]
-    q = card_for("rdcd-default")["int8"]
+    shallow = "rdcd-tf_efficientnet_lite0-shallow-128"  # the fastest student, whose re-export is checked
+    q = card_for(shallow)["int8"]
     cfg = ExportConfig(precision="int8", calibration=str(SHARED / "train"), calibration_size=q["calibration"]["count"],
                        float_layers=q["export"]["float_layers"], weight_bits=q["export"].get("weight_bits", 7))
-    path = export("rdcd-default", tmp_path / "default.int8.onnx", cfg)
-    want = load_model("rdcd-default").embed(images)
+    path = export(shallow, tmp_path / "shallow.int8.onnx", cfg)
+    want = load_model(shallow).embed(images)
     again = cosines(load_model(path).embed(images), want).mean()
-    shipped = cosines(prepare_model("rdcd-default", precision="int8")[0].embed(images), want).mean()
+    shipped = cosines(prepare_model(shallow, precision="int8")[0].embed(images), want).mean()
     assert again >= 0.985 and abs(again - shipped) <= 0.005
     assert np.mean((load_model(path).embed(images) @ want.T).argmax(axis=1) == np.arange(len(images))) >= 0.95
 

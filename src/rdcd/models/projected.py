@@ -105,11 +105,13 @@ def background_digest(paths) -> str:
 
 
 def fit_projection(spec: str | ProjectionSpec, background, output: str | os.PathLike | None = None,
-                   precision: str = "auto", draft: bool = True, batch_size: int = 32, progress: bool = True) -> Path:
+                   precision: str = "auto", draft: bool = True, batch_size: int = 32, progress: bool = True,
+                   base_beside: bool = False) -> Path:
     """Fit the projection of a ``BASE[@SIZE]+pca[w]DIM`` spec on the ``background`` images (a folder,
     file list or list of paths; never the references) and save it; returns the ``.npz`` model file.
     Without ``output`` it goes to the cache, and an earlier fit of the same spec on the same files
-    is reused instead of embedding them again."""
+    is reused instead of embedding them again. ``base_beside``: BASE is a model file in the folder
+    of ``output`` and is recorded by its name, so the two files can move together (shipped models)."""
     from ..extract import extract, prepare_model
     from ..images import list_images
     from ..postprocess import PCAWhitening
@@ -130,7 +132,10 @@ def fit_projection(spec: str | ProjectionSpec, background, output: str | os.Path
     except ValueError as e:
         raise ValueError(f"{parsed.name}: fitting on {len(vectors)} background images ({background}): {e}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FILE_KIND, "name": parsed.name, "base": parsed.base, "input_size": int(base.input_size),
+    if base_beside and (output is None or Path(parsed.base).resolve().parent != Path(output).resolve().parent):
+        raise ValueError(f"{parsed.base}: base_beside needs the base model file in the output's folder")
+    recorded = Path(parsed.base).name if base_beside else parsed.base
+    meta = {"format": FILE_KIND, "name": parsed.name, "base": recorded, "input_size": int(base.input_size),
             "whiten": parsed.whiten, "dim": parsed.dim, "background_images": len(vectors),
             "background_digest": digest, "precision": precision, "decode": "draft" if draft else "exact"}
     return projection.save(path, meta=json.dumps(meta))
@@ -158,7 +163,8 @@ def load_projected(path: str | os.PathLike, name: str | None = None, **kwargs) -
         raise ValueError(f"{path}: not an rdcd projection file (made by fit_projection / rdcd extract "
                          "--model BASE+pcawDIM --background DIR)")
     kwargs["input_size"] = kwargs.get("input_size") or meta["input_size"]
-    base = load_model(meta["base"], **kwargs)
+    beside = Path(path).parent / meta["base"]  # a base model file shipped next to the projection
+    base = load_model(str(beside) if beside.is_file() else meta["base"], **kwargs)
     return ProjectedModel(base, PCAWhitening.load(path), name or meta["name"])
 
 
