@@ -4,8 +4,8 @@ file), several models in interleaved rounds on the same images, with the CPU's i
     python scripts/bench_cli_extract.py --images ../shared/data/devbench/queries ../shared/data/devbench/references \
         --models rdcd-default sscd-distilled@160 sscd@160 --rounds 3
 
-Each round runs every model once, in turn, as a fresh `rdcd extract` process writing a new .h5
-file; a model's figure is the median over rounds of images / wall seconds, and each ratio is the
+Each round runs every model once, in turn (each round starting with the next model), as a fresh
+`rdcd extract` process writing a new .h5 file; a model's figure is the median over rounds of images / wall seconds, and each ratio is the
 median of the per-round ratios to the first model (the machine's speed drifts within minutes, so
 ratios within a round are steadier than absolute figures).
 """
@@ -44,7 +44,8 @@ def main() -> None:
         file_list.write_text("".join(f"{p.resolve()}\n" for p in paths))
         seconds = {m: [] for m in args.models}
         for r in range(args.rounds):
-            for i, model in enumerate(args.models):
+            turn = r % len(args.models)  # each round starts with another model: no model always runs first
+            for i, model in enumerate(args.models[turn:] + args.models[:turn]):
                 seconds[model].append(run_once(model, file_list, Path(tmp) / f"{r}_{i}.h5"))
                 print(f"round {r + 1}: {model}: {seconds[model][-1]:.1f} s", file=sys.stderr, flush=True)
     first = args.models[0]
