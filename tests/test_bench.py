@@ -11,7 +11,7 @@ import pytest
 from conftest import picture
 from rdcd.bench import bytes_per_image, format_markdown, run_bench, uap_by_edit
 from rdcd.scoring import BenchmarkFolder
-from rdcd.benchmark import make_benchmark
+from rdcd.benchmark_builder import make_benchmark
 from rdcd.cli import main
 from rdcd.metrics import Predictions
 from rdcd.models import load_model

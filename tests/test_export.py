@@ -15,7 +15,7 @@ from rdcd.export import export
 from rdcd.models import load_model
 from rdcd.models.student import build_student, save_student
 from rdcd.models.onnx import OnnxModel
-from rdcd.models.teachers import TorchScriptModel
+from rdcd.models.sscd_torch import TorchScriptModel
 
 
 def pictures(first: int, n: int, size: int) -> np.ndarray:

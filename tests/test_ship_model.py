@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rdcd.benchmark import make_benchmark
+from rdcd.benchmark_builder import make_benchmark
 from rdcd.metrics import evaluate
 from rdcd.models import load_model
 from rdcd.scoring import BETAS, BenchmarkFolder, benchmark_predictions, embed_benchmark, score_model

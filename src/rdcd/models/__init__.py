@@ -186,7 +186,7 @@ def load_model_file(path: str | os.PathLike, **kwargs) -> DescriptorModel:
     import torch  # only here: an ONNX file runs without PyTorch
 
     from .student import StudentModel, is_student_file, student_from_payload
-    from .teachers import SSCDTorchvisionModel, TorchScriptModel
+    from .sscd_torch import SSCDTorchvisionModel, TorchScriptModel
 
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
