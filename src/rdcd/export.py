@@ -39,7 +39,7 @@ from torch import nn
 
 from .descriptors import atomic_path
 from .images import ImageLoadError, list_images, load_image_array
-from .models import DescriptorModel
+from .models import DescriptorModel, load_model
 from .models.student import StudentModel, TorchImageModel
 
 FORMATS = ("onnx", "torchscript")
@@ -101,11 +101,8 @@ class SourceModel:
 
 
 def source_model(model: str | os.PathLike | DescriptorModel) -> SourceModel:
-    """The PyTorch network behind ``model`` (a name, a student spec, a model file or a loaded model):
-    its fp32 weights in PyTorch on the CPU (``rdcd.models.runtime``; a shipped student's ``.pt``)."""
-    from .models.runtime import resolve_runtime
-
-    loaded = resolve_runtime(model, runtime="torch", device="cpu").model
+    """The PyTorch network behind ``model`` (a name, a student spec, a model file or a loaded model)."""
+    loaded = model if isinstance(model, DescriptorModel) else load_model(model)
     if not isinstance(loaded, TorchImageModel):
         raise ValueError(f"{loaded.name}: only PyTorch models can be exported (rdcd students, SSCD "
                          f".torchvision.pt / .torchscript.pt); this one is a {type(loaded).__name__}")
