@@ -180,11 +180,12 @@ def interleaved_targets(students: list[str], paths, sizes, rounds: int) -> list[
     sscd-distilled) on the same files, so a slow spell hits all of them; the ratio is the median of
     the per-round ratios."""
     from rdcd.export import onnx_runtime_model
-    from rdcd.extract import prepare_model
+    from rdcd.models.runtime import resolve_runtime
 
     models, defaults, notes = {}, [], []
     for i, student in enumerate(students):
-        default, how = prepare_model(student)
+        resolved = resolve_runtime(student)
+        default, how = resolved.model, resolved.how
         label = "student (rdcd extract default)" if i == 0 else f"{default.name} (rdcd extract default)"
         models[label] = default
         defaults.append(label)

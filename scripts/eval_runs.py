@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ship_model import bench_model  # noqa: E402
-from rdcd.bench import SCORE_NORM_BETA  # noqa: E402
+from rdcd.scoring import SCORE_NORM_BETA, BenchmarkFolder, embed_benchmark, score_model
 
 
 def main() -> None:
-    from rdcd.extract import extract
     from rdcd.losses import effective_rank
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,8 +37,10 @@ def main() -> None:
         terms = "+".join(t for t in ("con", "hn", "rel") if loss[f"use_{t}"])
         model = load_model(run / "model.pt")
         for bench in args.benchmarks:
-            result = bench_model(model, Path(bench), beta=SCORE_NORM_BETA)  # fixed beta: no choice on any benchmark
-            refs = extract(model, Path(bench) / "references", progress=False).vectors
+            folder = BenchmarkFolder.read(bench)
+            sets = embed_benchmark(model, folder)
+            result = score_model(model, folder, beta=SCORE_NORM_BETA, sets=sets)  # fixed beta: no choice on any benchmark
+            refs = sets["references"].vectors
             row = {"run": str(run), "dim": info["config"]["dim"], "terms": terms, "steps": summary["step"],
                    "benchmark": bench, "uAP": result["raw"]["uAP"], "uAP_sn": result["score_norm"]["uAP"],
                    "recall_at_p90": result["raw"]["recall_at_p90"], "acc_at_1": result["raw"]["acc_at_1"],

@@ -16,11 +16,11 @@ import json
 from pathlib import Path
 
 import torch
-from ship_model import bench_model
 
 from rdcd.models import load_model
 from rdcd.models.projected import fit_projection
 from rdcd.models.student import StudentConfig, StudentNet, save_student
+from rdcd.scoring import score_model
 
 
 def student_file(run: Path) -> Path:
@@ -45,9 +45,9 @@ def main() -> None:
     for run in map(Path, args.runs):
         path = student_file(run)
         model = load_model(str(path))
-        raw = bench_model(model, Path(args.valbench))["raw"]
+        raw = score_model(model, args.valbench, score_norm=False)["raw"]
         projection = fit_projection(f"{path}+pcaw{args.dim or model.dim}", args.background, progress=False)
-        whitened = bench_model(load_model(str(projection)), Path(args.valbench))["raw"]
+        whitened = score_model(str(projection), args.valbench, score_norm=False)["raw"]
         rows[str(run)] = {"weights": path.name, "uAP": raw["uAP"], "uAP_rewhitened": whitened["uAP"],
                           "n_gt": raw["n_gt"]}
         print(json.dumps({str(run): rows[str(run)]}), flush=True)

@@ -27,11 +27,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from rdcd.augment import advanced
-from rdcd.bench import BenchmarkFolder, benchmark_predictions, embed_benchmark
 from rdcd.images import list_images, open_image
-from rdcd.metrics import evaluate
 from rdcd.models import model_file
 from rdcd.models.student import StudentModel, load_student
+from rdcd.scoring import score_model
 
 import importlib.util
 
@@ -82,8 +81,8 @@ class Views(Dataset):
 
 
 def uap(model, folder: Path) -> float:
-    bench = BenchmarkFolder.read(folder)
-    return evaluate(benchmark_predictions(embed_benchmark(model, bench), 10, False), bench.ground_truth)["uAP"]
+    """Raw uAP of ``model`` on a benchmark folder (k = 10), as ``rdcd bench`` scores it."""
+    return score_model(model, folder, score_norm=False)["raw"]["uAP"]
 
 
 def uaps(net, valbench: Path, devbench: Path) -> dict:

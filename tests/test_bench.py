@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from conftest import picture
-from rdcd.bench import BenchmarkFolder, bytes_per_image, format_markdown, run_bench, uap_by_edit
-from rdcd.benchmark import make_benchmark
+from rdcd.bench import bytes_per_image, format_markdown, run_bench, uap_by_edit
+from rdcd.scoring import BenchmarkFolder
+from rdcd.benchmark_builder import make_benchmark
 from rdcd.cli import main
 from rdcd.metrics import Predictions
 from rdcd.models import load_model
@@ -79,7 +80,8 @@ def test_models_without_a_card_use_sscds_beta(results):
 
 def test_a_shipped_model_is_also_scored_with_its_cards_beta(bench_dir, tmp_path, tiny_student_file, monkeypatch):
     import rdcd.models as models
-    from rdcd.bench import _load_seeded, benchmark_predictions, embed_benchmark
+    from rdcd.bench import _load_seeded
+    from rdcd.scoring import benchmark_predictions, embed_benchmark
     from rdcd.metrics import evaluate
     from rdcd.models.shipped import register_shipped
     from test_shipped import write_card
@@ -90,7 +92,7 @@ def test_a_shipped_model_is_also_scored_with_its_cards_beta(bench_dir, tmp_path,
     [result] = run_bench(bench_dir, ["rdcd-tiny-32"], progress=False)
     assert result["beta_own"] == 0.25
     bench = BenchmarkFolder.read(bench_dir)
-    sets = embed_benchmark(_load_seeded("rdcd-tiny-32")[0], bench)
+    sets = embed_benchmark(_load_seeded("rdcd-tiny-32"), bench)
     expected = {beta: evaluate(benchmark_predictions(sets, 10, True, beta=beta), bench.ground_truth)["uAP"]
                 for beta in (0.25, 1.0)}
     assert expected[0.25] != pytest.approx(expected[1.0])  # so the two columns tell the betas apart

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from rdcd.benchmark import OPS, RECIPES, Backdrops, edit, make_benchmark, random_edit, replay
+from rdcd.benchmark_builder import OPS, RECIPES, Backdrops, edit, make_benchmark, random_edit, replay
 
 N_IMAGES = 50
 

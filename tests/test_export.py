@@ -15,7 +15,7 @@ from rdcd.export import export
 from rdcd.models import load_model
 from rdcd.models.student import build_student, save_student
 from rdcd.models.onnx import OnnxModel
-from rdcd.models.teachers import TorchScriptModel
+from rdcd.models.sscd_torch import TorchScriptModel
 
 
 def pictures(first: int, n: int, size: int) -> np.ndarray:
@@ -273,25 +273,25 @@ def test_int8_of_the_shipped_students_is_within_parity(tmp_path):
     re-export 0.9894 (MinMax calibration moves with the calibration set: 0.989-0.993 over the sets
     tried, docs/export.md); with 7-bit weights it was 0.9887."""
     from rdcd.export import ExportConfig, calibration_images
-    from rdcd.extract import prepare_model
+    from rdcd.models.runtime import resolve_runtime
     from rdcd.models.shipped import card_for, shipped_cards
 
     images = calibration_images(DEVBENCH / "references", 160, 48)
-    students = [card for card in shipped_cards() if card.get("int8")]  # projections ship no int8 file
+    students = [card for card in shipped_cards() if card.int8 is not None]  # projections ship no int8 file
     assert len(students) == 4
     for card in students:
-        int8, how = prepare_model(card["name"], precision="int8")
-        got, want = int8.embed(images), load_model(card["name"]).embed(images)
-        assert cosines(got, want).mean() >= 0.99, card["name"]
-        assert np.mean((got @ want.T).argmax(axis=1) == np.arange(len(images))) >= 0.95, card["name"]
+        int8 = resolve_runtime(card.name, precision="int8").model
+        got, want = int8.embed(images), load_model(card.name).embed(images)
+        assert cosines(got, want).mean() >= 0.99, card.name
+        assert np.mean((got @ want.T).argmax(axis=1) == np.arange(len(images))) >= 0.95, card.name
     shallow = "rdcd-tf_efficientnet_lite0-shallow-128"  # the fastest student, whose re-export is checked
-    q = card_for(shallow)["int8"]
+    q = card_for(shallow).int8.data
     cfg = ExportConfig(precision="int8", calibration=str(SHARED / "train"), calibration_size=q["calibration"]["count"],
                        float_layers=q["export"]["float_layers"], weight_bits=q["export"].get("weight_bits", 7))
     path = export(shallow, tmp_path / "shallow.int8.onnx", cfg)
     want = load_model(shallow).embed(images)
     again = cosines(load_model(path).embed(images), want).mean()
-    shipped = cosines(prepare_model(shallow, precision="int8")[0].embed(images), want).mean()
+    shipped = cosines(resolve_runtime(shallow, precision="int8").model.embed(images), want).mean()
     assert again >= 0.985 and abs(again - shipped) <= 0.005
     assert np.mean((load_model(path).embed(images) @ want.T).argmax(axis=1) == np.arange(len(images))) >= 0.95
 

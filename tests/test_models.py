@@ -9,7 +9,7 @@ from conftest import have_immaculate
 from rdcd.models import IMAGENET_MEAN, IMAGENET_STD, ModelNotAvailable, load_model
 from rdcd.models.student import (StudentModel, _lite0_weights, build_student, load_student, save_student)
 from rdcd.models.onnx import OnnxModel
-from rdcd.models.teachers import SSCDTorchvisionModel, TorchScriptModel, build_sscd_torchvision
+from rdcd.models.sscd_torch import SSCDTorchvisionModel, TorchScriptModel, build_sscd_torchvision
 
 torch.set_num_threads(2)
 RNG = np.random.default_rng(0)

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import picture
 from rdcd.bench import run_bench
-from rdcd.benchmark import make_benchmark
+from rdcd.benchmark_builder import make_benchmark
 from rdcd.cli import main
 from rdcd.descriptors import descriptor_info, read_descriptors
 from rdcd.extract import extract

@@ -1,25 +1,16 @@
-"""scripts/ship_model.py: the score-normalisation beta a shipped model's card records is chosen on the
-validation benchmark, by uAP, among BETAS; a report on another benchmark reuses it."""
-import importlib.util
+"""rdcd.scoring, as model shipping (rdcd.ship) uses it: the score-normalisation beta a shipped model's
+card records is chosen on the validation benchmark, by uAP, among BETAS; a report on another benchmark
+reuses it. The model cards for people are written from the JSON cards unchanged."""
+import json
 from pathlib import Path
 
 import pytest
 
-from rdcd.bench import BenchmarkFolder, benchmark_predictions, embed_benchmark
-from rdcd.benchmark import make_benchmark
+from rdcd.benchmark_builder import make_benchmark
 from rdcd.metrics import evaluate
 from rdcd.models import load_model
+from rdcd.scoring import BETAS, BenchmarkFolder, benchmark_predictions, embed_benchmark, score_model
 from test_bench import write_images
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ship_model.py"
-
-
-@pytest.fixture(scope="module")
-def ship_model():
-    spec = importlib.util.spec_from_file_location("ship_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +22,14 @@ def small_bench(tmp_path_factory) -> Path:
     return output
 
 
-def test_calibration_keeps_the_beta_of_the_best_validation_uap(ship_model, small_bench):
+def test_calibration_keeps_the_beta_of_the_best_validation_uap(small_bench):
     import torch
 
     torch.manual_seed(0)
     model = load_model("student:mobilenetv3_large_100:32", input_size=64)
-    validation = ship_model.bench_model(model, small_bench)
+    validation = score_model(model, small_bench, beta=None)
     tried = {float(b): u for b, u in validation["score_norm_betas"].items()}
-    assert sorted(tried) == sorted(ship_model.BETAS)
+    assert sorted(tried) == sorted(BETAS)
     chosen = validation["score_norm"]["beta"]
     assert tried[chosen] == max(tried.values()) == validation["score_norm"]["uAP"]
     # the same numbers as scoring each beta directly
@@ -48,11 +39,31 @@ def test_calibration_keeps_the_beta_of_the_best_validation_uap(ship_model, small
         assert evaluate(benchmark_predictions(sets, 10, True, beta=beta), bench.ground_truth)["uAP"] == pytest.approx(uap)
     assert ("score_norm_beta1" in validation) == (chosen != 1.0)
     # a report benchmark reuses a given beta and adds SSCD's beta 1 for comparison with `rdcd bench`
-    report = ship_model.bench_model(model, small_bench, beta=0.5)
+    report = score_model(model, small_bench, beta=0.5)
     assert report["score_norm"]["beta"] == 0.5 and "score_norm_betas" not in report
     assert report["score_norm"]["uAP"] == pytest.approx(tried[0.5])
     assert report["score_norm_beta1"]["uAP"] == pytest.approx(tried[1.0])
     # a threshold calibrated at the model's beta is checked at that beta only, never at beta 1
-    with_threshold = ship_model.bench_model(model, small_bench, {"score_norm": {"threshold": 0.0}}, beta=0.5)
+    with_threshold = score_model(model, small_bench, {"score_norm": {"threshold": 0.0}}, beta=0.5)
     assert "at_calibrated_threshold" in with_threshold["score_norm"]
     assert "at_calibrated_threshold" not in with_threshold["score_norm_beta1"]
+
+
+def test_the_shipped_projection_card_text_is_written_from_its_json_card():
+    """``NAME.md`` of the shipped projection model is what rdcd.model_card writes from ``NAME.json``."""
+    from rdcd.model_card import projection_markdown
+    from rdcd.models.shipped import WEIGHTS_DIR
+
+    for path in WEIGHTS_DIR.glob("*.json"):
+        card = json.loads(path.read_text())
+        if card.get("kind") == "projection":
+            assert projection_markdown(card) == path.with_suffix(".md").read_text(), path
+
+
+def test_rdcd_ship_refuses_a_base_it_has_no_terms_for(tmp_path):
+    from rdcd.ship import ship_projection
+
+    with pytest.raises(ValueError, match="BASE one of sscd-distilled, sscd"):
+        ship_projection("phash+pcaw16", "x", tmp_path, tmp_path)
+    with pytest.raises(ValueError, match="must be BASE"):
+        ship_projection("sscd", "x", tmp_path, tmp_path)

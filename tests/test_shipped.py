@@ -37,16 +37,16 @@ def test_every_shipped_card_is_registered_and_loads():
     assert cards, "the package ships trained models (src/rdcd/weights)"
     image = np.asarray(picture(0).convert("RGB").resize((160, 160)))[None]
     for card in cards:
-        assert card["name"] in models.MODEL_REGISTRY
-        model = models.load_model(card["name"])
+        assert card.name in models.MODEL_REGISTRY
+        model = models.load_model(card.name)
         vectors = model.embed(image)
-        assert vectors.shape == (1, card["dim"]) and np.isclose(np.linalg.norm(vectors), 1, atol=1e-4)
-        assert (WEIGHTS_DIR / card["file"]).stat().st_size < 40e6
-        assert (WEIGHTS_DIR / f"{card['name']}.md").exists(), "each shipped model needs its model card"
-        assert card["thresholds"]["raw"]["threshold"] is not None  # --threshold auto works for each
+        assert vectors.shape == (1, card.dim) and np.isclose(np.linalg.norm(vectors), 1, atol=1e-4)
+        assert card.path.stat().st_size < 40e6
+        assert (WEIGHTS_DIR / f"{card.name}.md").exists(), "each shipped model needs its model card"
+        assert card.thresholds["raw"].threshold is not None  # --threshold auto works for each
         # the score-norm beta rdcd match uses is the one the card's validation numbers were measured at
-        assert card["thresholds"]["score_norm"]["beta"] == card["validation"]["score_norm"].get("beta", 1.0)
-    assert sum(bool(c.get("default")) for c in cards) == 1
+        assert card.beta == card.thresholds["score_norm"].beta == card.data["validation"]["score_norm"].get("beta", 1.0)
+    assert sum(c.default for c in cards) == 1
     assert models.model_file("rdcd-default") is not None
 
 
@@ -57,14 +57,14 @@ def test_the_shipped_projection_runs_the_peer_unmodified_and_names_its_terms():
     from rdcd.postprocess import PCAWhitening
 
     card = card_for("sscd-distilled-pcaw128")
-    assert card["base"] == "sscd-distilled" and card["dim"] == 128 and card["input_size"] == 160
-    assert "unmodified as a dependency" in card["licence"]
+    assert card.base == "sscd-distilled" and card.dim == 128 and card.input_size == 160
+    assert card.kind == "projection" and "unmodified as a dependency" in card.data["licence"]
     assert "unmodified as a dependency" in (WEIGHTS_DIR / "sscd-distilled-pcaw128.md").read_text()
     model = models.load_model("sscd-distilled-pcaw128")
     assert isinstance(model, ProjectedModel) and model.name == "sscd-distilled-pcaw128"
     images = np.stack([np.asarray(picture(i).convert("RGB").resize((160, 160))) for i in range(4)])
     peer = models.load_model("sscd-distilled", input_size=160)
-    expected = PCAWhitening.load(WEIGHTS_DIR / card["file"]).transform(peer.embed(images))
+    expected = PCAWhitening.load(card.path).transform(peer.embed(images))
     assert np.allclose(model.embed(images), expected, atol=1e-6)
     assert not list(WEIGHTS_DIR.glob("*.onnx")) or all("int8" in p.name for p in WEIGHTS_DIR.glob("*.onnx"))
 
@@ -77,23 +77,23 @@ def test_every_shipped_model_has_its_int8_file_made_from_its_weights():
     from rdcd.models.onnx import OnnxModel
 
     images = np.stack([np.asarray(picture(i).convert("RGB").resize((160, 160))) for i in range(16)])
-    students = [card for card in shipped_cards() if card["file"].endswith(".pt")]
+    students = [card for card in shipped_cards() if card.kind == "student"]
     assert len(students) == 4
     for card in students:
         path, why_not = int8_file(card)
-        assert path is not None, f"{card['name']}: {why_not}"
+        assert path is not None, f"{card.name}: {why_not}"
         assert path.stat().st_size < 40e6
-        q = card["int8"]
-        int8, fp32 = OnnxModel(path), models.load_model(card["name"])
+        q = card.int8.data
+        int8, fp32 = OnnxModel(path), models.load_model(card.name)
         cos = np.sum(int8.embed(images) * fp32.embed(images), axis=1)
         # synthetic shapes, further from the training images than photos: measured mean/min 0.994/0.991
         # (128-d), 0.987/0.978 (256-d); on held-out real images (the card, ship_model.py) 0.993-0.996
-        assert cos.mean() >= 0.98 and cos.min() >= 0.95, (card["name"], cos.mean(), cos.min())
+        assert cos.mean() >= 0.98 and cos.min() >= 0.95, (card.name, cos.mean(), cos.min())
         assert q["cosine_to_fp32"]["mean"] >= 0.99
         assert q["thresholds"]["raw"]["threshold"] is not None  # its own --threshold auto
         for bench in ("validation", "devbench"):
-            fp32_uap = card[bench]["raw"]["uAP"]
-            assert abs(q[bench]["raw"]["uAP"] - fp32_uap) <= 0.01, (card["name"], bench)
+            fp32_uap = card.data[bench]["raw"]["uAP"]
+            assert abs(q[bench]["raw"]["uAP"] - fp32_uap) <= 0.01, (card.name, bench)
 
 
 def test_extract_runs_a_shipped_models_int8_file_on_cpu_unless_told(tmp_path, tiny_student_file, image_folder,
@@ -102,7 +102,12 @@ def test_extract_runs_a_shipped_models_int8_file_on_cpu_unless_told(tmp_path, ti
     does not look inside the file; real int8 files: the test above)."""
     import rdcd.distributed as du
     from rdcd.export import export
-    from rdcd.extract import extract, prepare_model
+    from rdcd.extract import extract
+    from rdcd.models.runtime import resolve_runtime
+
+    def prepare_model(spec, **kw):
+        resolved = resolve_runtime(spec, **kw)
+        return resolved.model, resolved.how
     from rdcd.models.shipped import file_sha256
 
     monkeypatch.setattr(du, "gpu_available", lambda: False)  # as on a CPU-only machine
@@ -149,7 +154,7 @@ def test_extract_runs_a_shipped_models_int8_file_on_cpu_unless_told(tmp_path, ti
           precision="fp32")
     used = json.loads((tmp_path / "m.config.json").read_text())
     assert used["threshold"] == 0.5 and "int8" not in used["threshold_source"]
-    assert resolve_threshold("auto", "rdcd-tiny-32", True, None, int8=True)[0] == 0.1  # none for score-norm: fp32's
+    assert resolve_threshold("auto", card_for("rdcd-tiny-32"), True, None, int8=True)[0] == 0.1  # none for score-norm: fp32's
 
     # re-shipped weights without a rebuilt int8 file: warned, and the fp32 weights run
     card["int8"]["weights_sha256"] = "0" * 64
@@ -167,8 +172,8 @@ def test_register_shipped_adds_names_and_the_default_alias(tmp_path, tiny_studen
     assert register_shipped(folder) == ["rdcd-tiny-32", "rdcd-default"]
     model = models.load_model("rdcd-default")
     assert model.dim == 32
-    assert card_for("rdcd-tiny-32")["name"] == "rdcd-tiny-32"
-    assert card_for(folder / "rdcd-tiny-32.pt")["name"] == "rdcd-tiny-32"  # by file too
+    assert card_for("rdcd-tiny-32").name == "rdcd-tiny-32"
+    assert card_for(folder / "rdcd-tiny-32.pt").name == "rdcd-tiny-32"  # by file too
     assert card_for("sscd") is None
     assert models.model_file("rdcd-default") == folder / "rdcd-tiny-32.pt"
 
@@ -187,22 +192,23 @@ def test_bad_cards_name_the_file(tmp_path, tiny_student_file):
         shipped_cards(folder2)
     # at import time (strict=False) a broken card is skipped with a warning, never an import error
     with pytest.warns(UserWarning, match="broken.json"):
-        assert [c["name"] for c in shipped_cards(folder, strict=False)] == []
+        assert [c.name for c in shipped_cards(folder, strict=False)] == []
     with pytest.warns(UserWarning, match="none is registered"):
-        assert not any(c["default"] for c in shipped_cards(folder2, strict=False))
+        assert not any(c.default for c in shipped_cards(folder2, strict=False))
 
 
 def test_threshold_auto_reads_the_card(tmp_path, tiny_student_file, registry):
     register_shipped(write_card(tmp_path / "weights", tiny_student_file))
-    assert resolve_threshold("auto", "rdcd-default", False, None)[0] == 0.5
-    assert resolve_threshold("auto", "rdcd-tiny-32", True, None)[0] == 0.1
-    assert resolve_threshold("0.25", "sscd", False, None) == (0.25, "given")
-    with pytest.raises(ValueError, match="needs a shipped model"):
-        resolve_threshold("auto", "sscd", False, None)
+    default = card_for("rdcd-default")
+    assert resolve_threshold("auto", default, False, None)[0] == 0.5
+    assert resolve_threshold("auto", card_for("rdcd-tiny-32"), True, None)[0] == 0.1
+    assert resolve_threshold("0.25", card_for("sscd"), False, None) == (0.25, "given")
+    with pytest.raises(ValueError, match="needs a shipped model.*'sscd' has none"):
+        resolve_threshold("auto", card_for("sscd"), False, None, model_name="sscd")
     with pytest.raises(ValueError, match="whitening"):
-        resolve_threshold("auto", "rdcd-default", False, 16)
+        resolve_threshold("auto", default, False, 16)
     with pytest.raises(ValueError, match="number or 'auto'"):
-        resolve_threshold("high", "rdcd-default", False, None)
+        resolve_threshold("high", default, False, None)
 
 
 def test_match_marks_copies_at_the_threshold(tmp_path, image_folder, tiny_student_file, registry, capsys):
@@ -244,7 +250,7 @@ def test_threshold_auto_refuses_what_it_was_not_calibrated_for(tmp_path, tiny_st
 
     register_shipped(write_card(tmp_path / "weights", tiny_student_file))
     with pytest.raises(ValueError, match="calibrated with beta 1.0"):
-        resolve_threshold("auto", "rdcd-default", True, None, beta=0.5)
+        resolve_threshold("auto", card_for("rdcd-default"), True, None, beta=0.5)
     files = tmp_path / "q.h5"
     write_descriptors(files, ["a", "b"], np.eye(2, 32, dtype=np.float32))
     with pytest.raises(ValueError, match="descriptor files"):
@@ -265,11 +271,14 @@ def test_score_norm_uses_the_cards_beta_unless_told(tmp_path, tiny_student_file,
                   "score_norm": {"threshold": 0.1, "precision": 0.9, "beta": 0.5, "ranks": [0, 2]}}
     register_shipped(write_card(tmp_path / "weights", tiny_student_file, thresholds=thresholds))
     card_path = str(tmp_path / "weights" / "rdcd-tiny-32.json")
-    assert resolve_beta(None, "rdcd-default") == resolve_beta(None, "rdcd-tiny-32") == (0.5, card_path)
-    assert resolve_beta(0.75, "rdcd-default") == (0.75, "given")  # given wins
-    assert resolve_beta(None, "sscd") == resolve_beta(None, None) == (1.0, "SSCD's default")  # otherwise
-    assert resolve_beta(None, tiny_student_file)[0] == 1.0  # a student file that is not the shipped one
-    assert resolve_beta(None, tmp_path / "weights" / "rdcd-tiny-32.pt") == (0.5, card_path)  # the file itself
+    def beta_of(model, beta=None):
+        return resolve_beta(beta, card_for(model))
+
+    assert beta_of("rdcd-default") == beta_of("rdcd-tiny-32") == (0.5, card_path)
+    assert beta_of("rdcd-default", 0.75) == (0.75, "given")  # given wins
+    assert beta_of("sscd") == resolve_beta(None, None) == (1.0, "SSCD's default")  # otherwise
+    assert beta_of(tiny_student_file)[0] == 1.0  # a student file that is not the shipped one
+    assert beta_of(tmp_path / "weights" / "rdcd-tiny-32.pt") == (0.5, card_path)  # the file itself
     # match: beta None -> the card's 0.5, and the auto threshold (calibrated at 0.5) is accepted
     out = tmp_path / "m.csv"
     match(image_folder, image_folder, model="rdcd-default", background=image_folder, score_norm=True, k=2,

@@ -20,26 +20,20 @@ counts towards each of them.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from rdcd.images import list_images
-from rdcd.metrics import Predictions, evaluate, read_ground_truth
+from rdcd.metrics import Predictions, evaluate
 from rdcd.models import DescriptorModel
+from rdcd.scoring import SCORE_NORM_BETA, BenchmarkFolder, embed_benchmark, score_sets
 
 log = logging.getLogger(__name__)
-
-#: score normalisation used for ``uAP_sn``: SSCD's beta[0, 2] with beta = 1
-SCORE_NORM_BETA = 1.0
-SCORE_NORM_RANKS = (0, 2)
 
 #: columns of the summary table: (title, result key, format)
 TABLE_COLUMNS = (
@@ -55,60 +49,6 @@ TABLE_COLUMNS = (
     ("acc@1", "acc_at_1", "{:.3f}"),
 )
 NOT_REACHED = "-"
-
-
-@dataclass
-class BenchmarkFolder:
-    """A DISC2021-like benchmark folder: image lists, ground truth and (optionally) the edits of each query."""
-
-    root: Path
-    queries: list[Path]
-    references: list[Path]
-    train: list[Path]
-    ground_truth: dict[str, str | None]
-    edits: dict[str, tuple[str, ...]] | None  # query id -> op names, None without edits.csv
-
-    @classmethod
-    def read(cls, root: str | os.PathLike) -> "BenchmarkFolder":
-        root = Path(root)
-        missing = [name for name in ("queries", "references", "train", "ground_truth.csv")
-                   if not (root / name).exists()]
-        if missing:
-            raise FileNotFoundError(
-                f"{root}: not a benchmark folder, {', '.join(missing)} missing; expected queries/, references/, "
-                "train/ and ground_truth.csv (as written by `rdcd make-benchmark`)"
-            )
-        folder = cls(root, list_images(root / "queries"), list_images(root / "references"),
-                     list_images(root / "train"), read_ground_truth(root / "ground_truth.csv"),
-                     read_edits(root / "edits.csv") if (root / "edits.csv").exists() else None)
-        folder._check()
-        return folder
-
-    def _check(self) -> None:
-        query_ids = {p.stem for p in self.queries}
-        reference_ids = {p.stem for p in self.references}
-        for what, ids, files in (
-            ("queries", {q for q in self.ground_truth}, query_ids),
-            ("references", {r for r in self.ground_truth.values() if r}, reference_ids),
-        ):
-            absent = sorted(ids - files)
-            if absent:
-                raise ValueError(
-                    f"{self.root / 'ground_truth.csv'} names {len(absent)} {what} with no image in "
-                    f"{self.root / what}/ (first: {absent[0]}); is it the ground truth of this benchmark?"
-                )
-        if not any(self.ground_truth.values()):
-            raise ValueError(f"{self.root / 'ground_truth.csv'}: no query has a matching reference; uAP is undefined")
-
-
-def read_edits(path: str | os.PathLike) -> dict[str, tuple[str, ...]]:
-    """``edits.csv`` (query_id,recipe,...) -> {query_id: op names}; the recipe is the op names joined by ``+``."""
-    path = Path(path)
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not {"query_id", "recipe"} <= set(reader.fieldnames or ()):
-            raise ValueError(f"{path}: expected columns query_id,recipe[,ops]; found {reader.fieldnames}")
-        return {row["query_id"]: tuple(op for op in row["recipe"].split("+") if op) for row in reader}
 
 
 def bytes_per_image(model: DescriptorModel) -> int:
@@ -156,7 +96,7 @@ def run_bench(
     ``recall_at_10``, the same with score normalisation (``uAP_sn``, ``recall_at_p90_sn``...),
     ``beta_own`` and ``uAP_sn_own`` (the model's own score-normalisation beta, ``match.resolve_beta``),
     ``n_queries``, ``n_gt``, ``n_failures`` and ``uAP_by_edit`` ({op: {n_positives, uAP, uAP_sn}},
-    None without edits.csv) and ``runtime`` (how the model ran: ``rdcd.extract.prepare_model``, which
+    None without edits.csv) and ``runtime`` (how the model ran: ``rdcd.models.runtime.resolve_runtime``, which
     ``precision`` is passed to). ``draft``: JPEG draft decoding, as ``rdcd extract``. ``report_dir``:
     also one HTML report per model (kNN predictions without score normalisation). Untrained students get their random layers from torch seed 0, so
     a run gives the same numbers every time (timings aside).
@@ -182,13 +122,14 @@ def _bench_one(spec, bench: BenchmarkFolder, k: int, size: int | None, batch_siz
     base_spec = projection.base_spec if projection else spec
     key = (str(base_spec), size)
     if embedded is not None and key in embedded:
-        model, how, sets = embedded[key]
+        resolved, sets = embedded[key]
     else:
-        model, how = _load_seeded(base_spec, precision)
+        resolved = _load_seeded(base_spec, precision)
         log.info("bench: %s", base_spec)
-        sets = embed_benchmark(model, bench, size=size, batch_size=batch_size, progress=progress, draft=draft)
+        sets = embed_benchmark(resolved, bench, size=size, batch_size=batch_size, progress=progress, draft=draft)
         if embedded is not None and isinstance(base_spec, (str, os.PathLike)):
-            embedded[key] = (model, how, sets)
+            embedded[key] = (resolved, sets)
+    model, how = resolved.model, resolved.how
     label = spec if isinstance(spec, (str, os.PathLike)) else model.name
     dim, stored_bytes = int(model.dim), bytes_per_image(model)
     if projection is not None:
@@ -212,42 +153,33 @@ def _bench_one(spec, bench: BenchmarkFolder, k: int, size: int | None, batch_siz
         "k": int(k),
         "n_queries": len(bench.queries),
     }
-    by_edit: dict[str, dict] = {}
-    for suffix, score_norm in (("", False), ("_sn", True)):
-        predictions = benchmark_predictions(sets, k, score_norm)
-        metrics = evaluate(predictions, bench.ground_truth)
-        for key in ("uAP", "recall_at_p90", "threshold_at_p90", "acc_at_1", "recall_at_10"):
-            result[key + suffix] = metrics[key]
-        result["n_gt"] = metrics["n_gt"]
-        if bench.edits is not None:
-            for op, row in uap_by_edit(predictions, bench.ground_truth, bench.edits).items():
-                by_edit.setdefault(op, {"n_positives": row["n_positives"]})["uAP" + suffix] = row["uAP"]
-        if report_dir is not None and not score_norm:
-            from rdcd.report import write_report
-
-            path = Path(report_dir) / f"{safe_filename(str(label))}.html"
-            write_report(path, predictions, bench.ground_truth, metrics, query_dir=bench.root / "queries",
-                         reference_dir=bench.root / "references",
-                         title=f"rdcd bench: {label} on {bench.root.name} (k={k})")
-            result["report"] = str(path)
     # a shipped model's own score-normalisation beta (chosen on its validation benchmark, used by
     # `rdcd match --score-norm`); every other model's is SSCD's 1
     from rdcd.match import resolve_beta
 
-    result["beta_own"] = resolve_beta(None, spec)[0]
-    result["uAP_sn_own"] = result["uAP_sn"] if result["beta_own"] == SCORE_NORM_BETA else evaluate(
-        benchmark_predictions(sets, k, True, beta=result["beta_own"]), bench.ground_truth)["uAP"]
+    beta_own = resolve_beta(None, resolved.card if projection is None else None)[0]
+    row_keys = ("uAP", "recall_at_p90", "threshold_at_p90", "acc_at_1", "recall_at_10", "n_gt")
+    scores, predictions = score_sets(sets, bench, k, beta_own, row_keys=row_keys)
+    columns = {"": "raw", "_sn": "score_norm_beta1" if beta_own != SCORE_NORM_BETA else "score_norm"}
+    by_edit: dict[str, dict] = {}
+    for suffix, key in columns.items():
+        for name in row_keys[:-1]:
+            result[name + suffix] = scores[key][name]
+        if bench.edits is not None:
+            for op, row in uap_by_edit(predictions[key], bench.ground_truth, bench.edits).items():
+                by_edit.setdefault(op, {"n_positives": row["n_positives"]})["uAP" + suffix] = row["uAP"]
+    result["n_gt"] = scores["raw"]["n_gt"]
+    if report_dir is not None:
+        from rdcd.report import write_report
+
+        path = Path(report_dir) / f"{safe_filename(str(label))}.html"
+        write_report(path, predictions["raw"], bench.ground_truth, evaluate(predictions["raw"], bench.ground_truth),
+                     query_dir=bench.root / "queries", reference_dir=bench.root / "references",
+                     title=f"rdcd bench: {label} on {bench.root.name} (k={k})")
+        result["report"] = str(path)
+    result["beta_own"], result["uAP_sn_own"] = beta_own, scores["score_norm"]["uAP"]
     result["uAP_by_edit"] = by_edit if bench.edits is not None else None
     return result
-
-
-def embed_benchmark(model, bench: BenchmarkFolder, size: int | None = None, batch_size: int = 32,
-                    progress: bool = False, draft: bool = True) -> dict:
-    """``{"queries", "references", "train"}`` -> ExtractResult of ``model`` on a benchmark folder."""
-    from rdcd.extract import extract
-
-    return {name: extract(model, paths, size=size, batch_size=batch_size, progress=progress, draft=draft)
-            for name, paths in (("queries", bench.queries), ("references", bench.references), ("train", bench.train))}
 
 
 def project_sets(sets: dict, projection) -> dict:
@@ -260,29 +192,20 @@ def project_sets(sets: dict, projection) -> dict:
     return {name: dataclasses.replace(result, vectors=fitted.transform(result.vectors)) for name, result in sets.items()}
 
 
-def benchmark_predictions(sets: dict, k: int, score_norm: bool, beta: float = SCORE_NORM_BETA):
-    """kNN predictions of embedded benchmark sets (``embed_benchmark``), raw or score-normalised with the
-    benchmark's train/ images as background (ranks, and by default beta, as every rdcd benchmark number uses)."""
-    from rdcd.match import match
-
-    queries, references, train = ((sets[n].ids, sets[n].vectors) for n in ("queries", "references", "train"))
-    return match(queries, references, background=train if score_norm else None, k=k, score_norm=score_norm,
-                 beta=beta, ranks=SCORE_NORM_RANKS)
-
-
-def _load_seeded(spec, precision: str = "auto") -> tuple[DescriptorModel, str]:
-    """Load once (an untrained student must embed every set with the same weights), with torch's RNG
+def _load_seeded(spec, precision: str = "auto"):
+    """The model's runtime (``rdcd.models.runtime.ModelRuntime``, the one rdcd extract would use),
+    loaded once (an untrained student must embed every set with the same weights) with torch's RNG
     seeded, so that the random layers of an untrained student, and its numbers, are the same in every
     run; the caller's RNG state is left as it was."""
     import torch
 
-    from rdcd.extract import prepare_model
+    from rdcd.models.runtime import resolve_runtime
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model, how = prepare_model(spec, precision=precision)  # the runtime rdcd extract would use
-        log.info("bench: %s", how)
-        return model, how
+        resolved = resolve_runtime(spec, precision)
+        log.info("bench: %s", resolved.how)
+        return resolved
 
 
 def safe_filename(name: str) -> str:

@@ -15,7 +15,8 @@ import re
 import sys
 
 #: subcommand modules in rdcd.commands, in help order
-COMMANDS = ["demo", "models", "extract", "export", "match", "index", "serve", "dedup", "evaluate", "make_benchmark", "train", "bench"]
+COMMANDS = ["demo", "models", "extract", "export", "match", "index", "serve", "dedup", "evaluate", "make_benchmark", "train", "bench",
+            "ship"]
 
 _SUMMARY = re.compile(r"rdcd ([a-z][a-z0-9-]*): (.+?)\.?$")
 

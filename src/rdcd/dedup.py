@@ -75,14 +75,15 @@ def find_groups(ids: Sequence[str], vectors: np.ndarray, threshold: float, k: in
 def dedup_images(images, model="rdcd-default", threshold: float | str = "auto", k: int = 10,
                  precision: str = "auto", draft: bool = True, batch_size: int = 32) -> Groups:
     """Groups of copies among the images of a folder / file list (ids are file stems)."""
-    from rdcd.extract import extract, prepare_model, shipped_int8
+    from rdcd.extract import extract
     from rdcd.images import list_images
     from rdcd.match import resolve_threshold
+    from rdcd.models.runtime import resolve_runtime
 
-    int8 = shipped_int8(model, precision=precision) is not None
-    threshold, _ = resolve_threshold(threshold, model, False, None, int8=int8)
-    loaded, _ = prepare_model(model, precision=precision)
-    result = extract(loaded, images, batch_size=batch_size, draft=draft, progress=False)
+    resolved = resolve_runtime(model, precision)
+    threshold, _ = resolve_threshold(threshold, resolved.card, False, None, int8=resolved.int8,
+                                     model_name=getattr(model, "name", model))
+    result = extract(resolved, images, batch_size=batch_size, draft=draft, progress=False)
     groups = find_groups(result.ids, result.vectors, threshold, k)
     groups.paths = {p.stem: p for p in list_images(images)}
     return groups

@@ -26,7 +26,8 @@ import numpy as np
 from . import distributed as du
 from .descriptors import atomic_path, check_descriptor_suffix, unstorable_id, write_descriptors
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, check_unique_ids, list_images, load_image_array
-from .models import DescriptorModel, load_model
+from .models import DescriptorModel
+from .models.runtime import ModelRuntime, resolve_runtime
 from .resume import Chunk, OutputLock, plan_units, reusable_chunks, run_settings, save_chunk
 
 
@@ -80,7 +81,7 @@ AUTO_CHUNK_SECONDS = 30.0
 AUTO_UNIT = 1024
 
 
-def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os.PathLike | None = None,
+def extract(model: str | os.PathLike | DescriptorModel | ModelRuntime, images, output: str | os.PathLike | None = None,
             size: int | None = None, batch_size: int = 32, workers: int | None = None, strict: bool = False,
             chunk_size: int | None = None, progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
             draft: bool = True, resume: bool = True, runtime: str = "auto",
@@ -104,10 +105,11 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
     the same output. ``chunk_size``: images per chunk; ``None`` (default) saves a chunk whenever it
     holds ``chunk_seconds`` of work (at most ``AUTO_UNIT`` images), so a kill loses about that much.
 
-    ``runtime``: ``auto`` runs a PyTorch model file on the CPU through ONNX Runtime (same
+    ``model``: a name, file or loaded model, resolved here (``rdcd.models.runtime.resolve_runtime``),
+    or a ``ModelRuntime`` resolved once by a caller that embeds several sets. ``runtime``: ``auto`` runs a PyTorch model file on the CPU through ONNX Runtime (same
     descriptors to fp32 rounding, faster; see ``rdcd.export.choose_runtime``), ``torch`` keeps
     PyTorch, ``onnxruntime`` converts any PyTorch model. ``precision``: ``auto`` runs a shipped
-    model's int8 file on a CPU, ``fp32`` its fp32 weights, ``int8`` insists (see ``prepare_model``).
+    model's int8 file on a CPU, ``fp32`` its fp32 weights, ``int8`` insists (see ``rdcd.models.runtime.resolve_runtime``).
 
     ``draft`` (default on): the JPEG decoder downscales by 1/2, 1/4 or 1/8 while decoding where the
     image keeps both sides >= ``size`` (``open_image``); 3x faster decoding of camera-sized JPEGs,
@@ -128,12 +130,16 @@ def extract(model: str | os.PathLike | DescriptorModel, images, output: str | os
         check_descriptor_suffix(output)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk size must be at least 1, not {chunk_size}")
-    from .models.projected import resolve_projection
+    if isinstance(model, ModelRuntime):  # resolved by the caller, once for several sets
+        resolved = model
+    else:
+        from .models.projected import resolve_projection
 
-    # BASE+pcawDIM: the projection fitted on ``background`` images (or reused from the cache) first
-    model = resolve_projection(model, background, precision=precision, draft=draft, batch_size=batch_size,
-                               progress=progress)
-    model, how = prepare_model(model, runtime, precision)
+        # BASE+pcawDIM: the projection fitted on ``background`` images (or reused from the cache) first
+        model = resolve_projection(model, background, precision=precision, draft=draft, batch_size=batch_size,
+                                   progress=progress)
+        resolved = resolve_runtime(model, precision, runtime)
+    model, how = resolved.model, resolved.how
     if "torch" in sys.modules:  # a PyTorch model (or one converted from it): this process's share of cores
         sys.modules["torch"].set_num_threads(du.cpu_threads_per_process())
     if progress and du.is_main():
@@ -292,96 +298,6 @@ def prefetched(iterable, depth: int = 1):
     finally:
         stop.set()
         thread.join()  # returns within one item: the producer checks ``stop`` every 0.1 s while blocked
-
-
-PRECISIONS = ("auto", "fp32", "int8")
-
-
-def shipped_int8(model, runtime: str = "auto", precision: str = "auto", warn: bool = False) -> Path | None:
-    """The shipped int8 file ``prepare_model`` runs for ``model`` with these settings, else None
-    (not a shipped model, no valid int8 file, ``precision`` fp32, ``runtime`` torch, or a GPU with
-    ``precision`` auto). ``precision`` chooses between a shipped student's fp32 weights and its int8
-    file; any other model runs as it is (with ``warn``, a note says so when ``precision`` is not
-    auto). Raises for ``precision="int8"`` on a shipped model without a valid int8 file."""
-    from .models.shipped import card_for, int8_file
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    card = None if isinstance(model, DescriptorModel) else card_for(model)
-    if card is None:
-        if warn and precision != "auto":
-            name = getattr(model, "name", model)
-            print(f"rdcd: note: --precision {precision} chooses between a shipped student's fp32 weights and its "
-                  f"int8 file; {name} is not one and runs as it is (int8 of another model: rdcd export "
-                  "--precision int8, then --model FILE)", file=sys.stderr)
-        return None
-    if precision == "fp32":
-        return None
-    path, why_not = int8_file(card)
-    if precision == "int8" and path is None:
-        raise ValueError(f"{model}: --precision int8, but {why_not}")
-    if precision == "int8" and runtime == "torch":
-        raise ValueError("precision int8 runs in ONNX Runtime only; drop --runtime torch")
-    if path is None:
-        if warn and card.get("int8"):
-            print(f"rdcd: warning: {card['name']}: {why_not}; using fp32", file=sys.stderr)
-        return None
-    if runtime == "torch" or (precision == "auto" and du.gpu_available()):
-        return None
-    return path
-
-
-def prepare_model(model: str | os.PathLike | DescriptorModel, runtime: str = "auto",
-                  precision: str = "auto") -> tuple[DescriptorModel, str]:
-    """Load ``model`` once and pick how it runs; returns it and a line saying how. Callers embedding
-    several sets (``rdcd.match``) call this once and pass the result.
-
-    A shipped model (name or weights path) with an int8 file runs that file in ONNX Runtime when
-    ``precision`` is ``auto`` (or ``int8``), ``runtime`` allows ONNX Runtime and no GPU would run
-    PyTorch: the fastest path measured on CPU (docs/bench_inference.md), descriptors within cosine
-    ~0.99 of fp32 and devbench uAP within a point (model cards). Otherwise
-    ``rdcd.export.choose_runtime`` (fp32: ONNX Runtime for PyTorch files on a CPU)."""
-    from .models import model_file
-    from .models.shipped import card_for
-
-    int8 = shipped_int8(model, runtime, precision, warn=True)
-    if int8 is not None:
-        from .models.onnx import OnnxModel
-
-        card = card_for(model)
-        # on the CPU whatever else is installed: an int8 QDQ graph is a CPU format here
-        fast = OnnxModel(int8, input_size=card.get("input_size"), threads=du.cpu_threads_per_process(),
-                         providers=["CPUExecutionProvider"])
-        return fast, (f"{card['name']} runs with ONNX Runtime int8 on the CPU (shipped file {int8.name}; "
-                      "--precision fp32 for the fp32 weights)")
-    shipped = None if isinstance(model, DescriptorModel) else model_file(model)
-    if shipped is not None and shipped.suffix != ".npz":
-        model = shipped  # a shipped student: its file, which may run in ONNX Runtime
-    from_file = not isinstance(model, DescriptorModel) and Path(model).is_file()
-    loaded = resolve_model(model)
-    if not loaded.runs_torch and runtime != "onnxruntime":  # ONNX files, hashes, projections of them
-        from .models import runtime_line
-
-        return loaded, runtime_line(loaded)
-    from .export import choose_runtime  # imports torch, which the models above run without
-
-    return choose_runtime(loaded, runtime, from_file, du.cpu_threads_per_process())
-
-
-def resolve_model(model: str | os.PathLike | DescriptorModel) -> DescriptorModel:
-    """The model ``extract`` embeds with: a DescriptorModel as is, else loaded (PyTorch ones on this rank's GPU, if any).
-
-    Load once and pass the result when embedding several sets: an untrained ``student:`` spec
-    gets new random weights at every load.
-    """
-    if isinstance(model, DescriptorModel):
-        return model
-    return load_model(model, **({"device": du.default_device()} if _is_torch_spec(model) else {}))
-
-
-def _is_torch_spec(model) -> bool:
-    s = str(model)
-    return s.startswith("student:") or s.endswith((".pt", ".pth"))
 
 
 def failures_path(output: Path) -> Path:

@@ -44,7 +44,7 @@ class MatchConfig:
     ranks: tuple[int, int] = (0, 2)
     whiten_dim: int | None = None
     model: str | None = None
-    runtime: str | None = None  # how the model embedded the image sets (rdcd.extract.prepare_model), if it did
+    runtime: str | None = None  # how the model embedded the image sets (rdcd.models.runtime), if it did
     draft: bool | None = None  # JPEG draft decoding of the image sets, if the model embedded any
     threshold: float | None = None  # pairs scoring at least this are marked as copies
     threshold_source: str | None = None  # "given", or the model card it was read from (threshold="auto")
@@ -63,7 +63,8 @@ def load_set(
     workers: int | None = None,
     draft: bool = True,
 ) -> tuple[list[str], np.ndarray]:
-    """(ids, vectors) of one image set: read from descriptor files, or extracted from images with ``model``."""
+    """(ids, vectors) of one image set: read from descriptor files, or extracted from images with ``model``
+    (anything ``rdcd.extract.extract`` takes, a resolved ``ModelRuntime`` included)."""
     if _in_memory(source):
         ids, vectors = source
         return [str(i) for i in ids], np.asarray(vectors, dtype=np.float32)
@@ -236,7 +237,7 @@ def match(
     precision-0.9 threshold, with or without score normalisation; shipped models only). The pairs
     scoring at least the threshold are the copies (``copies(predictions, config)``); with ``output``
     they are also written to ``*.copies.csv``. All candidate pairs stay in the predictions.
-    ``precision``: how a model embeds image sets, as ``rdcd.extract.prepare_model`` (``auto``: a
+    ``precision``: how a model embeds image sets, as ``rdcd.models.runtime.resolve_runtime`` (``auto``: a
     shipped model's int8 file on a CPU); ``draft``: JPEG draft decoding (as ``rdcd.extract.extract``).
 
     Everything checkable is checked before any image is embedded: every set exists and holds
@@ -250,42 +251,36 @@ def match(
         )
     sets = [queries, references] + ([background] if score_norm or whiten_dim else [])
     embeds = model is not None and any(is_image_source(s) for s in sets)
-    # the card's beta only when the shipped model makes the descriptors here (files carry no model)
-    beta, beta_source = resolve_beta(beta, model if embeds else None)
+    if threshold is not None:
+        check_auto_inputs(threshold, queries, references)
+    # the model's one runtime decision (card, precision, runtime), when the model makes the descriptors
+    # here: the card's beta and thresholds apply only then (descriptor files carry no model)
+    resolved = _resolve_for_match(model, background, precision, draft, threshold) if embeds else None
+    card = resolved.card if resolved is not None else None
+    beta, beta_source = resolve_beta(beta, card)
     config = MatchConfig(
         k=k, index=index, nprobe=nprobe, ef_search=ef_search, global_n=global_n, score_norm=score_norm,
         beta=beta, beta_source=beta_source, ranks=tuple(ranks), whiten_dim=whiten_dim,
     )
     if threshold is not None:
-        check_auto_inputs(threshold, queries, references)
-        # auto (which needs images): the int8 file's own thresholds where that file embeds the sets
-        from rdcd.extract import shipped_int8
-
-        int8 = _is_auto(threshold) and embeds and shipped_int8(model, precision=precision) is not None
-        config.threshold, config.threshold_source = resolve_threshold(threshold, model, score_norm, whiten_dim,
-                                                                      beta, tuple(ranks), int8)
-    if embeds:
-        config.model = getattr(model, "name", str(model))
+        # auto: the int8 file's own thresholds where that file embeds the sets
+        config.threshold, config.threshold_source = resolve_threshold(
+            threshold, card, score_norm, whiten_dim, beta, tuple(ranks), resolved is not None and resolved.int8,
+            model_name=getattr(model, "name", model))
     set_threads(threads)
     if score_norm:
         log.info("score normalisation: beta %g, ranks %d..%d", beta, *ranks)
-    if embeds:
-        from rdcd.extract import prepare_model
-        from rdcd.models.projected import resolve_projection
-
-        # BASE+pcawDIM: its projection is fitted on the background images (cached)
-        model = resolve_projection(model, background if background is not None and is_image_source(background)
-                                   else None, precision=precision, draft=draft)
-        # load once (every image set must be embedded by the same weights), keeping extract's runtime choice
-        model, how = prepare_model(model, precision=precision)
-        config.runtime, config.draft = how, draft
-        log.info("%s", how)
+    if resolved is not None:
+        config.model = getattr(model, "name", str(model))
+        model = resolved.model  # loaded once: every image set must be embedded by the same weights
+        config.runtime, config.draft = resolved.how, draft
+        log.info("%s", resolved.how)
     named = {"queries": queries, "references": references}
     if background is not None and (score_norm or whiten_dim):
         named["background"] = background
     check_sets(named, model)
     check_same_origin({name: _set_info(source, model, draft) for name, source in named.items()}, allow_mixed_models)
-    load = dict(model=model, keep_descriptors_dir=keep_descriptors_dir, batch_size=batch_size, workers=workers,
+    load = dict(model=resolved or model, keep_descriptors_dir=keep_descriptors_dir, batch_size=batch_size, workers=workers,
                 draft=draft)
     query_ids, query_vectors = load_set(queries, name="queries", **load)
     reference_ids, reference_vectors = load_set(references, name="references", **load)
@@ -313,27 +308,30 @@ def match(
     return predictions
 
 
-def _shipped_card(model) -> dict | None:
-    """The card of a shipped model given by name or weights path (not of an already loaded model)."""
-    if model is None or hasattr(model, "embed"):
-        return None
-    from rdcd.models.shipped import card_for
+def _resolve_for_match(model, background, precision: str, draft: bool, threshold):
+    """The runtime of the model that embeds the image sets; ``BASE+pcawDIM``: its projection fitted on
+    the background images (cached) first, after the checks that need no fitting."""
+    from rdcd.models.projected import parse_projection, resolve_projection
+    from rdcd.models.runtime import resolve_runtime
 
-    return card_for(model)
+    if not hasattr(model, "embed") and parse_projection(str(model)) is not None:
+        if _is_auto(threshold):  # a projection fitted here has no card: fail before fitting it
+            resolve_threshold(threshold, None, False, None, model_name=model)
+        model = resolve_projection(model, background if background is not None and is_image_source(background)
+                                   else None, precision=precision, draft=draft)
+    return resolve_runtime(model, precision)
 
 
-def resolve_beta(beta: float | None, model=None) -> tuple[float, str]:
+def resolve_beta(beta: float | None, card=None) -> tuple[float, str]:
     """(score-normalisation weight, where it came from): ``beta`` as given; ``None``: the beta in the
-    shipped model's card (chosen on its validation benchmark, the one its ``auto`` threshold was
-    calibrated with), or SSCD's 1 for every other model (and for descriptor files, which carry no model)."""
+    shipped model's card (``rdcd.models.shipped.ModelCard``, chosen on its validation benchmark, the
+    one its ``auto`` threshold was calibrated with), or SSCD's 1 for every other model (``card`` None,
+    and for descriptor files, which carry no model)."""
     if beta is not None:
         return float(beta), "given"
-    card = _shipped_card(model)
-    entry = ((card or {}).get("thresholds") or {}).get("score_norm") or {}
-    if "beta" in entry:
-        return float(entry["beta"]), card["card_path"]
+    if card is not None and card.beta is not None:
+        return card.beta, str(card.card_path)
     return 1.0, "SSCD's default"
-
 
 
 def _is_auto(threshold) -> bool:
@@ -383,11 +381,13 @@ def check_auto_inputs(threshold, queries: ImageSet, references: ImageSet) -> Non
                          "with descriptor files rdcd cannot tell which model made them: give a number instead")
 
 
-def resolve_threshold(threshold: float | str, model, score_norm: bool, whiten_dim: int | None,
-                      beta: float = 1.0, ranks: tuple[int, int] = (0, 2), int8: bool = False) -> tuple[float, str]:
+def resolve_threshold(threshold: float | str, card, score_norm: bool, whiten_dim: int | None,
+                      beta: float = 1.0, ranks: tuple[int, int] = (0, 2), int8: bool = False,
+                      model_name=None) -> tuple[float, str]:
     """(threshold, where it came from) for ``match(threshold=...)``: a number as given, or ``"auto"``:
-    the threshold in the shipped model's card that reached precision 0.9 on its validation benchmark
-    (raw or score-normalised scores; the latter only with the card's beta and ranks). ``int8``: the
+    the threshold in the shipped model's card (``rdcd.models.shipped.ModelCard``; None: the model,
+    ``model_name``, has none) that reached precision 0.9 on its validation benchmark (raw or
+    score-normalised scores; the latter only with the card's beta and ranks). ``int8``: the
     descriptors come from the model's shipped int8 file, whose own calibrated thresholds the card
     holds too (cards without them: the fp32 ones)."""
     if not _is_auto(threshold):
@@ -395,32 +395,28 @@ def resolve_threshold(threshold: float | str, model, score_norm: bool, whiten_di
             return float(threshold), "given"
         except (TypeError, ValueError):
             raise ValueError(f"threshold must be a number or 'auto', not {threshold!r}") from None
-    card = _shipped_card(model)
     if card is None:
-        name = getattr(model, "name", model)
         raise ValueError(
             f"--threshold auto needs a shipped model with a calibrated threshold (`rdcd models` marks them); "
-            f"model {name!r} has none: give a number instead (e.g. `rdcd bench` on your own labelled benchmark "
+            f"model {model_name!r} has none: give a number instead (e.g. `rdcd bench` on your own labelled benchmark "
             "reports threshold_at_p90)")
     if whiten_dim:
-        raise ValueError(f"{card['name']}: its thresholds were calibrated without whitening; with --whiten give "
+        raise ValueError(f"{card.name}: its thresholds were calibrated without whitening; with --whiten give "
                          "a number instead of auto")
     key = "score_norm" if score_norm else "raw"
-    entry = (card.get("thresholds") or {}).get(key)
-    which = ""
-    if int8 and ((card.get("int8") or {}).get("thresholds") or {}).get(key):
-        entry, which = card["int8"]["thresholds"][key], ", int8 file"
-    if not entry or entry.get("threshold") is None:
-        raise ValueError(f"{card['card_path']}: no calibrated {key} threshold; give a number instead of auto")
+    entry, of_int8 = card.threshold(key, int8)
+    if entry is None or entry.threshold is None:
+        raise ValueError(f"{card.card_path}: no calibrated {key} threshold; give a number instead of auto")
     if score_norm:
-        calibrated = (float(entry.get("beta", 1.0)), tuple(entry.get("ranks", (0, 2))))
-        if calibrated != (float(beta), tuple(ranks)):
-            raise ValueError(f"{card['card_path']}: the score-normalised threshold was calibrated with beta "
-                             f"{calibrated[0]} and ranks {calibrated[1]}, not {beta} and {tuple(ranks)}; give a number")
+        if (entry.beta, entry.ranks) != (float(beta), tuple(ranks)):
+            raise ValueError(f"{card.card_path}: the score-normalised threshold was calibrated with beta "
+                             f"{entry.beta} and ranks {entry.ranks}, not {beta} and {tuple(ranks)}; give a number")
         log.warning("score-normalised scores also depend on the background set; the calibrated threshold assumed "
                     "one like the benchmark's train/ images, so check it on your data")
-    return float(entry["threshold"]), f"{card['card_path']} ({key}{which}: precision {entry.get('precision', '?')} on " \
-        f"{entry.get('benchmark', 'its validation benchmark')})"
+    which = ", int8 file" if of_int8 else ""
+    precision = "?" if entry.precision is None else entry.precision
+    return float(entry.threshold), f"{card.card_path} ({key}{which}: precision {precision} on " \
+        f"{entry.benchmark or 'its validation benchmark'})"
 
 
 def copies(predictions: Predictions, threshold: float) -> Predictions:

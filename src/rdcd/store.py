@@ -48,17 +48,16 @@ class DuplicateIdError(StoreError):
 
 
 def model_record(model, precision: str = "auto", draft: bool = True):
-    """(record, loaded model): how this model makes descriptors, in ``rdcd.descriptors.descriptor_info``
-    terms plus its dimension, precision and the sha256 of the file that runs."""
-    from rdcd.extract import descriptor_info_of, prepare_model, shipped_int8
-    from rdcd.models import model_file
+    """(record, runtime): how this model makes descriptors, in ``rdcd.descriptors.descriptor_info``
+    terms plus its dimension, precision and the sha256 of the file that runs, and the model's
+    ``rdcd.models.runtime.ModelRuntime`` (loaded model and card)."""
+    from rdcd.extract import descriptor_info_of
+    from rdcd.models.runtime import resolve_runtime
     from rdcd.models.shipped import file_sha256
 
-    loaded, how = prepare_model(model, precision=precision)
+    resolved = resolve_runtime(model, precision)
+    loaded, how, file = resolved.model, resolved.how, resolved.file
     record = descriptor_info_of(loaded, loaded.input_size, draft)
-    file = shipped_int8(model, precision=precision) or model_file(model)
-    if file is None and not hasattr(model, "embed") and Path(str(model)).is_file():
-        file = Path(model)
     record.update({
         "rdcd.dim": str(loaded.dim),
         "rdcd.model_spec": str(getattr(model, "name", model)),
@@ -66,7 +65,7 @@ def model_record(model, precision: str = "auto", draft: bool = True):
         "rdcd.runtime": how,
         "rdcd.model_sha256": file_sha256(file) if file else "",
     })
-    return record, loaded
+    return record, resolved
 
 
 def check_record(store_record: dict, other: dict, what: str, location) -> None:
@@ -107,15 +106,16 @@ class ReferenceStore:
         backend_class, target = _backend_for(location)
         if backend_class.exists(target):
             raise StoreError(f"{location}: a store already exists there; open it, or remove it first")
-        beta, beta_source = resolve_beta(beta, model)
+        record, resolved = model_record(model, precision, draft)
+        loaded = resolved.model
+        beta, beta_source = resolve_beta(beta, resolved.card)
         config = MatchConfig(k=k, index=index, nprobe=nprobe, ef_search=ef_search, score_norm=score_norm, beta=beta,
                              beta_source=beta_source, ranks=tuple(ranks), whiten_dim=whiten_dim, draft=draft)
-        record, loaded = model_record(model, precision, draft)
         config.model, config.runtime = record["rdcd.model_spec"], record["rdcd.runtime"]
         if threshold is not None:
-            int8 = record["rdcd.model"].endswith("-int8")
             config.threshold, config.threshold_source = resolve_threshold(
-                threshold, model, score_norm, whiten_dim, beta, tuple(ranks), int8)
+                threshold, resolved.card, score_norm, whiten_dim, beta, tuple(ranks), resolved.int8,
+                model_name=record["rdcd.model_spec"])
         vectors = None
         if score_norm or whiten_dim:
             if background is None:
@@ -143,9 +143,9 @@ class ReferenceStore:
         config = MatchConfig(**{**meta["config"], "ranks": tuple(meta["config"]["ranks"])})
         store = cls(backend, meta["record"], config, location)
         if model is not None:
-            record, loaded = model_record(model, meta["record"]["rdcd.precision"], config.draft)
+            record, resolved = model_record(model, meta["record"]["rdcd.precision"], config.draft)
             check_record(store.record, record, f"model {model}", location)
-            store._model = loaded
+            store._model = resolved.model
         return store
 
     # ------------------------------------------------------------------------------ properties
@@ -154,8 +154,9 @@ class ReferenceStore:
         """The descriptor model, loaded on first use (descriptor-only use never loads it)."""
         with self._lock:
             if self._model is None:
-                record, self._model = model_record(self.record["rdcd.model_spec"], self.record["rdcd.precision"],
-                                                   self.config.draft)
+                record, resolved = model_record(self.record["rdcd.model_spec"], self.record["rdcd.precision"],
+                                                self.config.draft)
+                self._model = resolved.model
                 check_record(self.record, record, f"model {self.record['rdcd.model_spec']} as installed now",
                              self.location)
             return self._model

@@ -19,7 +19,7 @@ def add_embedding_arguments(parser, sets: str = "") -> None:
     """``--precision`` and ``--exact-decode``: how a model embeds images, the same for every command
     that embeds (rdcd extract, and match / bench for their image sets). ``sets`` names what is
     embedded, e.g. " of image sets"."""
-    from ..extract import PRECISIONS
+    from ..models.runtime import PRECISIONS
 
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="for shipped students: auto (default) runs the int8 ONNX file shipped beside the "

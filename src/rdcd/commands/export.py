@@ -40,11 +40,14 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..export import ExportConfig, export
+    from ..models.runtime import resolve_runtime
 
     config = ExportConfig(format=args.format, precision=args.precision, opset=args.opset,
                           calibration=args.calibration, calibration_size=args.calibration_size,
                           quant_format=args.quant_format, input_size=args.size,
                           float_layers=args.float_layers, weight_bits=args.weight_bits)
-    path = export(args.model, args.output, config)
-    print(f"rdcd: {args.model} -> {path} ({args.format} {args.precision})", file=sys.stderr)
+    # the model's fp32 weights in PyTorch on the CPU (a shipped student: its .pt, not its int8 file)
+    source = resolve_runtime(args.model, runtime="torch", device="cpu")
+    path = export(source.model, args.output, config)
+    print(f"rdcd: {args.model} ({source.how}) -> {path} ({args.format} {args.precision})", file=sys.stderr)
     return 0

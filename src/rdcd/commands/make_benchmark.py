@@ -5,7 +5,7 @@ import sys
 
 
 def register(subparsers) -> None:
-    from ..benchmark import RECIPES  # cheap: AugLy itself is imported only when edits run
+    from ..benchmark_builder import RECIPES  # cheap: AugLy itself is imported only when edits run
 
     p = subparsers.add_parser(
         "make-benchmark", help="build a DISC2021-like copy-detection benchmark from your own images",
@@ -31,7 +31,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..benchmark import make_benchmark
+    from ..benchmark_builder import make_benchmark
 
     try:
         summary = make_benchmark(args.images, args.output, references=args.references,

@@ -11,22 +11,21 @@ def run(args) -> int:
     from ..models import list_models
 
     def describe(entry) -> str:
-        if entry.card is None:
+        card = entry.card
+        if card is None:
             return entry.description
-        thresholds = entry.card.get("thresholds") or {}
-        calibrated = any(isinstance(t, dict) and t.get("threshold") is not None for t in thresholds.values())
+        calibrated = any(t.threshold is not None for t in card.thresholds.values())
         auto = " [--threshold auto]" if calibrated else ""
-        beta = (thresholds.get("score_norm") or {}).get("beta")
-        if beta is not None:
-            auto += f" [--score-norm beta {beta:g}]"
+        if card.beta is not None:
+            auto += f" [--score-norm beta {card.beta:g}]"
         from ..models.shipped import int8_file
 
-        int8, why_not = int8_file(entry.card)
+        int8, why_not = int8_file(card)
         if int8 is not None:
             auto += f" [int8 file on CPU: {int8.name}]"
-        elif entry.card.get("int8"):
+        elif card.int8 is not None:
             auto += f" [int8 file unusable: {why_not}]"
-        return f"{entry.description}{auto} (card: {entry.card['card_path']})"
+        return f"{entry.description}{auto} (card: {card.card_path})"
 
     rows = [(name, "?" if e.dim is None else str(e.dim), describe(e)) for name, e in sorted(list_models().items())]
     width = max(len(r[0]) for r in rows)

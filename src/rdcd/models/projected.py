@@ -112,7 +112,7 @@ def fit_projection(spec: str | ProjectionSpec, background, output: str | os.Path
     Without ``output`` it goes to the cache, and an earlier fit of the same spec on the same files
     is reused instead of embedding them again. ``base_beside``: BASE is a model file in the folder
     of ``output`` and is recorded by its name, so the two files can move together (shipped models)."""
-    from ..extract import extract, prepare_model
+    from ..extract import extract
     from ..images import list_images
     from ..postprocess import PCAWhitening
 
@@ -125,7 +125,9 @@ def fit_projection(spec: str | ProjectionSpec, background, output: str | os.Path
     path = Path(output) if output else cache_dir() / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', parsed.name)}-{key}.npz"
     if output is None and path.is_file():
         return path
-    base, _ = prepare_model(parsed.base_spec, precision=precision)
+    from .runtime import resolve_runtime
+
+    base = resolve_runtime(parsed.base_spec, precision)
     vectors = extract(base, paths, batch_size=batch_size, progress=progress, draft=draft).vectors
     try:
         projection = PCAWhitening(parsed.dim, whiten=parsed.whiten).fit(vectors)
@@ -135,7 +137,7 @@ def fit_projection(spec: str | ProjectionSpec, background, output: str | os.Path
     if base_beside and (output is None or Path(parsed.base).resolve().parent != Path(output).resolve().parent):
         raise ValueError(f"{parsed.base}: base_beside needs the base model file in the output's folder")
     recorded = Path(parsed.base).name if base_beside else parsed.base
-    meta = {"format": FILE_KIND, "name": parsed.name, "base": recorded, "input_size": int(base.input_size),
+    meta = {"format": FILE_KIND, "name": parsed.name, "base": recorded, "input_size": int(base.model.input_size),
             "whiten": parsed.whiten, "dim": parsed.dim, "background_images": len(vectors),
             "background_digest": digest, "precision": precision, "decode": "draft" if draft else "exact"}
     return projection.save(path, meta=json.dumps(meta))
