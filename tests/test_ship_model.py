@@ -67,3 +67,34 @@ def test_rdcd_ship_refuses_a_base_it_has_no_terms_for(tmp_path):
         ship_projection("phash+pcaw16", "x", tmp_path, tmp_path)
     with pytest.raises(ValueError, match="must be BASE"):
         ship_projection("sscd", "x", tmp_path, tmp_path)
+
+
+def test_ship_a_trained_student_with_its_own_whitening(small_bench, tmp_path, monkeypatch, tiny_student_file):
+    """A student's model.pt + pcawDIM ships as NAME.student.pt (fp16) beside NAME.npz, which names it
+    by file name, so the shipped folder works wherever it is; the card keeps the training command
+    without the interpreter's path."""
+    import shutil
+
+    import numpy as np
+
+    import rdcd.ship as ship
+    from conftest import picture_folder
+    from rdcd.models.projected import load_projected, read_projection_meta
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    monkeypatch.setattr(ship, "WEIGHTS_DIR", weights)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_student_file, run / "model.pt")
+    (run / "config.json").write_text(json.dumps({"resolved": {"argv": ["/somewhere/bin/rdcd", "train", "--dim", "32"]}}))
+    (run / "summary.json").write_text(json.dumps({"step": 6}))
+    card = ship.ship_projection(f"{run / 'model.pt'}+pcaw8", "tiny-w8", picture_folder(tmp_path / "bg", 12),
+                                small_bench)
+    assert card["base"] == "tiny-w8.student.pt" and card["training"]["argv"] == ["rdcd", "train", "--dim", "32"]
+    assert read_projection_meta(weights / "tiny-w8.npz")["base"] == "tiny-w8.student.pt"
+    assert card["validation"]["raw"]["n_gt"] == 16 and "rdcd's own RDCD student" in card["licence"]
+    moved = shutil.move(str(weights), str(tmp_path / "elsewhere"))
+    model = load_projected(Path(moved) / "tiny-w8.npz", name="tiny-w8")
+    vectors = model.embed(np.zeros((2, 64, 64, 3), np.uint8) + 100)
+    assert vectors.shape == (2, 8) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
