@@ -58,7 +58,8 @@ def options() -> dict[str, list[Option]]:
             Option("key_momentum", help="EMA of the momentum student"),
             Option("seed"),
             Option("bn", choices=BN_MODES,
-                   help="batch norm: batch statistics as the paper, or frozen running statistics (default: %(default)s)"),
+                   help="batch norm: batch statistics as the paper, or frozen running statistics "
+                        "(default: %(default)s)"),
             Option("head_lr", help="learning-rate multiplier for the layers outside the backbone: fc, projector and "
                                    "GeM p (default: %(default)s)"),
             Option("head_init", choices=HEAD_INITS,

@@ -97,8 +97,8 @@ def check_config(config: TrainConfig) -> None:
     if config.init and config.pretrained:
         raise ValueError("--init and --pretrained both set the starting weights: give one of them")
     if config.pretrained and config.student not in OFFLINE_PRETRAINED:
-        raise ValueError(f"no offline ImageNet weights for {config.student!r} (available: {sorted(OFFLINE_PRETRAINED)}); "
-                         "use --no-pretrained")
+        raise ValueError(f"no offline ImageNet weights for {config.student!r} "
+                         f"(available: {sorted(OFFLINE_PRETRAINED)}); use --no-pretrained")
     if config.drop_blocks and not config.init:
         raise ValueError("--drop-blocks makes a shallower copy of a trained student: give it with --init MODEL")
     if (config.teacher_in_workers and config.workers != 0 and config.loss.use_rel

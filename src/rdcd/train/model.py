@@ -234,10 +234,10 @@ class RDCD:
         self.criterion = RDCDLoss(config.dim, teacher_dim, config.loss).to(device)
         self.normalize = Normalize(student.config.mean, student.config.std, device, config.channels_last)
         self.features = StudentFeatures(self.student)
-        if du.world_size() > 1:
+        if du.world_size() > 1:  # L_rel alone leaves the projector unused
             self.features = nn.parallel.DistributedDataParallel(
                 self.features, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=not (config.loss.use_con or config.loss.use_hn))  # L_rel alone skips the projector
+                find_unused_parameters=not (config.loss.use_con or config.loss.use_hn))
         self.key_momentum, self.seed, self.device = config.key_momentum, config.seed, device
         self.autocast = torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
                                        enabled=autocast_dtype is not None)
