@@ -657,6 +657,35 @@ def test_no_rel_is_teacher_free(tmp_path, train_images):
                           head_init="teacher"))
 
 
+def test_cli_options_are_the_config_fields_with_their_defaults():
+    """The option table covers TrainConfig and LossConfig (but for the few settings kept off the CLI);
+    with no options the config is TrainConfig's defaults, and each kind of flag lands in its field."""
+    import argparse
+    import dataclasses
+
+    from rdcd.commands import train as command
+
+    parser = argparse.ArgumentParser(prog="rdcd")
+    command.register(parser.add_subparsers())
+    fields = {option.field for group in command.options().values() for option in group} - {None}
+    config_fields = ({f.name for f in dataclasses.fields(TrainConfig)} - {"loss"}
+                     | {f"loss.{f.name}" for f in dataclasses.fields(LossConfig)})
+    assert fields <= config_fields
+    assert config_fields - fields == {"channels_last", "val_batch_size", "loss.hn_eps"}
+    assert command.config_from_args(parser.parse_args(["train", "--data", "d", "--output", "o"])) == \
+        TrainConfig(data="d", output="o")
+    args = parser.parse_args(["train", "--data", "d", "--output", "o", "--no-pretrained", "--no-hn", "--feature-norm",
+                              "--no-tensorboard", "--drop-blocks", "5.1", "6.0", "--steps", "7", "--tau-s", "0.5",
+                              "--max-seconds", "2.5", "--resume"])
+    config = command.config_from_args(args)
+    assert (config.pretrained, config.loss.use_hn, config.loss.use_con, config.feature_norm, config.tensorboard) == \
+        (False, False, True, True, False)
+    assert (config.drop_blocks, config.steps, config.loss.tau_s, config.max_seconds) == (["5.1", "6.0"], 7, 0.5, 2.5)
+    assert args.resume and "resume" not in dataclasses.asdict(config)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--data", "d", "--output", "o", "--steps", "3", "--epochs", "2"])
+
+
 def test_cli_short_budget_options_reach_the_config(tmp_path, train_images):
     from rdcd.cli import main
 
