@@ -100,3 +100,16 @@ def test_gem_spec_gives_the_backbone_features():
     out = model.embed(np.zeros((2, 64, 64, 3), np.uint8) + 128)
     assert out.shape == (2, model.dim) and model.dim == 960  # conv_head is never reached: dropped
     assert np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+
+
+def test_a_refitted_projection_never_reuses_chunks_of_the_old_one(tiny_student_file, image_folder, tmp_path):
+    """Same name, same base, another fit: the saved chunks' settings differ, so a resume re-embeds."""
+    from rdcd.resume import model_fingerprint
+
+    spec = f"{tiny_student_file}+pcaw6"
+    first = load_model(str(fit_projection(spec, image_folder, output=tmp_path / "a.npz", progress=False)))
+    fewer = sorted(image_folder.iterdir())[:9]
+    second = load_model(str(fit_projection(spec, fewer, output=tmp_path / "b.npz", progress=False)))
+    assert first.name == second.name
+    assert model_fingerprint(first) != model_fingerprint(second)
+    assert model_fingerprint(first) == model_fingerprint(load_model(str(tmp_path / "a.npz")))

@@ -29,10 +29,17 @@ from .models import DescriptorModel
 
 def model_fingerprint(model: DescriptorModel) -> str:
     """What identifies the descriptors ``model`` makes: the hash of the file it runs (an ONNX file:
-    the int8 or fp32 export, so precision and runtime are in it), else of its PyTorch weights, else
-    (hashes, wrappers) its class, name and dimension."""
+    the int8 or fp32 export, so precision and runtime are in it), else of its PyTorch weights (a
+    projection model: its base's fingerprint and the fitted projection), else (hashes) its class,
+    name and dimension."""
+    from .models.projected import ProjectedModel
     from .models.shipped import file_sha256
 
+    if isinstance(model, ProjectedModel):  # the base's fingerprint and the fitted projection's numbers
+        h = hashlib.sha256(model_fingerprint(model.base).encode())
+        for array in (model.projection.mean_, model.projection.projection_):
+            h.update(np.ascontiguousarray(array).tobytes())
+        return f"{type(model).__name__}:{h.hexdigest()}"
     path = getattr(model, "path", None)
     if path is not None and Path(path).is_file():
         return f"{type(model).__name__}:{file_sha256(path)}"
