@@ -54,7 +54,7 @@ def main() -> None:
     print(f"Machine: {machine}; CPU flags: {cpu_flags()}. Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n")
     print(f"{len(paths)} images, `rdcd extract` as a fresh process per model and round (start-up, model load, "
           "decoding, writing the .h5 file included).\n")
-    print(f"| model | median wall s | images/s (median) | {first} / model, median of per-round ratios |")
+    print(f"| model | median wall s | images/s (median) | speed of {first} / speed of model, median of per-round ratios |")
     print("|---|---:|---:|---:|")
     for model in args.models:
         ratios = [a / b for a, b in zip(seconds[model], seconds[first])]

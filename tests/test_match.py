@@ -50,6 +50,7 @@ def test_knn_match_from_descriptor_files(synthetic_set, tmp_path):
     np.testing.assert_array_equal(back.scores.astype(np.float32), preds.scores)
     config = json.loads(config_path(out).read_text())
     assert (config["k"], config["index"], config["score_norm"]) == (5, "Flat", False)
+    assert (preds.config.k, preds.config.index, preds.config.beta_source) == (5, "Flat", "SSCD's default")  # returned too
     m = evaluate(preds, gt)
     assert m["acc_at_1"] == 1.0  # every copy finds its source first
     assert m["uAP"] < 0.8  # but unmatched dense queries outrank many true pairs

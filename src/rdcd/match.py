@@ -50,6 +50,14 @@ class MatchConfig:
     threshold_source: str | None = None  # "given", or the model card it was read from (threshold="auto")
 
 
+@dataclass
+class MatchResult(Predictions):
+    """What ``match`` returns: the candidate pairs (a ``Predictions``, usable as one) and the
+    settings it resolved (``config``: beta and threshold with where they came from, how the model ran)."""
+
+    config: MatchConfig | None = None
+
+
 def is_descriptor_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in DESCRIPTOR_SUFFIXES
 
@@ -220,7 +228,7 @@ def match(
     precision: str = "auto",
     draft: bool = True,
     allow_mixed_models: bool = False,
-) -> Predictions:
+) -> MatchResult:
     """Candidate copy pairs between ``queries`` and ``references``, best first within each query (kNN mode)
     or over all queries (``global_n``).
 
@@ -305,7 +313,7 @@ def match(
         with atomic_path(config_path(output)) as tmp:
             tmp.write_text(json.dumps(asdict(config), indent=2) + "\n")
         log.info("wrote %d predictions to %s", len(predictions), output)
-    return predictions
+    return MatchResult(predictions.query_ids, predictions.reference_ids, predictions.scores, config=config)
 
 
 def _resolve_for_match(model, background, precision: str, draft: bool, threshold):

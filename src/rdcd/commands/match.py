@@ -55,9 +55,7 @@ def _one_or_many(values):
 
 
 def run(args) -> int:
-    import json
-
-    from ..match import config_path, copies, copies_path, match
+    from ..match import copies, copies_path, match
 
     predictions = match(
         _one_or_many(args.queries), _one_or_many(args.references), model=args.model,
@@ -68,14 +66,13 @@ def run(args) -> int:
         precision=args.precision, draft=not args.exact_decode, allow_mixed_models=args.allow_mixed_models,
     )
     print(f"rdcd: {len(predictions)} candidate pairs -> {args.output}", file=sys.stderr)
-    # match() resolved beta and the threshold (given, or from the model card) once and recorded them
-    resolved = json.loads(config_path(args.output).read_text())
+    resolved = predictions.config  # beta and the threshold, given or from the model card, resolved once
     if args.score_norm:
-        print(f"rdcd: score normalisation with beta {resolved['beta']:g} ({resolved['beta_source']})", file=sys.stderr)
+        print(f"rdcd: score normalisation with beta {resolved.beta:g} ({resolved.beta_source})", file=sys.stderr)
     if args.threshold is not None:
-        threshold = resolved["threshold"]
-        if resolved.get("threshold_source") != "given":
-            print(f"rdcd: threshold {threshold:.4f} from {resolved['threshold_source']}", file=sys.stderr)
+        threshold = resolved.threshold
+        if resolved.threshold_source != "given":
+            print(f"rdcd: threshold {threshold:.4f} from {resolved.threshold_source}", file=sys.stderr)
         found = copies(predictions, threshold)
         print(f"rdcd: {len(found)} pair(s) score >= {threshold:.4f} (marked as copies) -> {copies_path(args.output)}",
               file=sys.stderr)
