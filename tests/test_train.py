@@ -855,3 +855,17 @@ def test_gpu_script_trains_then_resumes_from_the_copied_run(tmp_path, train_imag
                             capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed" in second.stdout and (tmp_path / "b" / "run" / "model.pt").exists()
+
+
+def test_a_file_listed_twice_keeps_one_image_id(tmp_path, train_images):
+    """Oversampling by listing a file again: new views per entry, one image id (the same-image mask
+    then treats the entries' keys as copies, not negatives)."""
+    from rdcd.images import list_images
+
+    paths = list_images(train_images)[:4]
+    listed = paths + [paths[1], paths[1]]
+    dataset = TwoViewImages(listed, TwoViews(build_augmentation("light", 48, normalize=False)), 0)
+    assert dataset.image_ids == [0, 1, 2, 3, 1, 1]
+    first, again = dataset[(0, 1)], dataset[(0, 4)]
+    assert first[0] == again[0] == 1
+    assert not torch.equal(first[1], again[1])  # another entry, other views

@@ -60,7 +60,11 @@ class SeededBatches:
 
 
 class TwoViewImages(Dataset):
-    """Item (epoch, index) -> (index, view x, view x', failures): two uint8 views of one image.
+    """Item (epoch, index) -> (image id, view x, view x', failures): two uint8 views of one image.
+
+    The image id is the index of the file's first entry in the list: a file listed several times
+    (to oversample a kind of image) gets new views at each entry but one id, so the same-image mask
+    of the losses treats every entry's keys as copies of it, never as negatives.
 
     A file that cannot be decoded is skipped: the next file in the list that decodes takes its
     place (views still drawn from the seed of the original index, so the batch stays a function of
@@ -70,6 +74,8 @@ class TwoViewImages(Dataset):
 
     def __init__(self, paths: Sequence[Path], views: TwoViews, seed: int):
         self.paths, self.views, self.seed = list(paths), views, seed
+        first: dict[Path, int] = {}
+        self.image_ids = [first.setdefault(Path(p).resolve(), i) for i, p in enumerate(self.paths)]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -85,12 +91,12 @@ class TwoViewImages(Dataset):
                 failures.append((str(path), e.reason))
                 continue
             view1, view2 = self.views(image, view_seed(self.seed, epoch, index))
-            return index, view1, view2, failures
+            return self.image_ids[index], view1, view2, failures
         raise RuntimeError(f"none of the {len(self.paths)} training images could be decoded")
 
 
 class ViewBatch(NamedTuple):
-    indices: torch.Tensor  # (B,) image indices
+    indices: torch.Tensor  # (B,) image ids (TwoViewImages: a file's first index in the list)
     view1: torch.Tensor  # (B, 3, S, S) uint8: student and teacher input
     view2: torch.Tensor  # (B, 3, S, S) uint8: momentum student input
     teacher_features: torch.Tensor | None  # (B, D_T) when computed in the DataLoader worker
