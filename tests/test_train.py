@@ -181,7 +181,9 @@ def test_dataset_views_are_seeded_and_bad_files_are_replaced(train_images):
     assert torch.equal(v1, data[(2, 5)][1]) and not torch.equal(v1, v2)
     assert not torch.equal(v1, data[(3, 5)][1])  # another epoch, other views
     index, v1, v2, failures = data[(0, bad)]
-    assert index == bad and [f[0] for f in failures] == [str(paths[bad])] and "identify" in failures[0][1]
+    # the id is the stand-in's (the file after the bad one), so the same-image mask sees that image
+    assert index == (bad + 1) % len(paths) and [f[0] for f in failures] == [str(paths[bad])]
+    assert "identify" in failures[0][1]
     # the next file takes the bad file's place, with the bad index's seed
     from rdcd.images import open_image
 
@@ -623,12 +625,13 @@ def test_training_step_wiring(tmp_path, train_images):
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     paths = list_images(train_images)
     batches = list(SeededBatches(len(paths), 4, 0, 0, 3))
-    expected_ids = [i for batch in batches for _, i in batch]
+    dataset = TwoViewImages(paths, TwoViews(build_augmentation("light", 48, normalize=False)), 0)
+    expected_ids = [dataset[item][0] for batch in batches for item in batch]  # the corrupt file's: its stand-in's
+    assert expected_ids != [i for batch in batches for _, i in batch]  # (these batches meet the corrupt file)
     key_ids = checkpoint["criterion"]["key_queue.ids"]
     assert key_ids.tolist() == expected_ids  # 12 rows: 3 steps x 4, in order
     assert checkpoint["criterion"]["teacher_queue.ids"].tolist() == expected_ids
     # the teacher ran on the uint8 view x of exactly those images
-    dataset = TwoViewImages(paths, TwoViews(build_augmentation("light", 48, normalize=False)), 0)
     assert len(calls) == 3
     for step, batch in enumerate(batches):
         views = torch.stack([dataset[item][1] for item in batch])
@@ -869,3 +872,7 @@ def test_a_file_listed_twice_keeps_one_image_id(tmp_path, train_images):
     first, again = dataset[(0, 1)], dataset[(0, 4)]
     assert first[0] == again[0] == 1
     assert not torch.equal(first[1], again[1])  # another entry, other views
+    broken = list_images(train_images)[-1]  # T999.jpg, not an image: the next file stands in, with its id
+    assert broken.name == "T999.jpg"
+    stand_in = TwoViewImages([broken, *paths], TwoViews(build_augmentation("light", 48, normalize=False)), 0)[(0, 0)]
+    assert stand_in[0] == 1 and stand_in[3]

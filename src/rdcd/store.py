@@ -387,7 +387,8 @@ class SQLiteBackend:
             rows = [self.db.execute("INSERT INTO refs (id, vector, metadata) VALUES (?, ?, ?)",
                                     (i, v.tobytes(), json.dumps(m))).lastrowid
                     for i, v, m in zip(ids, vectors, metadata)]
-        self._forget(replaced)
+        if self._forget(replaced):  # rebuilt from the committed rows, the new ones included
+            return
         self.index.add_with_ids(vectors, np.array(rows, np.int64))
         self.id_of.update(zip(rows, ids))
 
@@ -405,16 +406,20 @@ class SQLiteBackend:
                                     part).fetchall()
         return rows
 
-    def _forget(self, rows: list[tuple[int, str]]) -> None:
+    def _forget(self, rows: list[tuple[int, str]]) -> bool:
+        """Take deleted rows out of the index; True when that meant rebuilding it from the committed rows."""
         if not rows:
-            return
-        try:
-            self.index.remove_ids(np.array([r for r, _ in rows], np.int64))
-        except RuntimeError:  # HNSW and other graphs cannot remove entries: rebuild from the committed rows
+            return False
+        if self.factory.replace(" ", "") != "Flat":
+            # Only the exact index removes entries safely under an id map: graphs (HNSW) cannot remove
+            # at all, and an IVF removal leaves FAISS's id map out of step (the next removal aborts the
+            # process). Rebuild from the committed rows instead: slower removals, never a wrong index.
             self._rebuild()
-            return
+            return True
+        self.index.remove_ids(np.array([r for r, _ in rows], np.int64))
         for r, _ in rows:
             self.id_of.pop(r, None)
+        return False
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``rdcd.search.Index.search``'s contract: scores (n, k) descending and string ids, "" / -inf where none."""

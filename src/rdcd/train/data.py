@@ -84,14 +84,15 @@ class TwoViewImages(Dataset):
         epoch, index = item
         failures = []
         for offset in range(len(self.paths)):
-            path = self.paths[(index + offset) % len(self.paths)]
+            position = (index + offset) % len(self.paths)
+            path = self.paths[position]
             try:
                 image = open_image(path)
             except ImageLoadError as e:
                 failures.append((str(path), e.reason))
                 continue
             view1, view2 = self.views(image, view_seed(self.seed, epoch, index))
-            return self.image_ids[index], view1, view2, failures
+            return self.image_ids[position], view1, view2, failures  # the id of the image that stands in
         raise RuntimeError(f"none of the {len(self.paths)} training images could be decoded")
 
 
