@@ -113,3 +113,15 @@ def test_a_refitted_projection_never_reuses_chunks_of_the_old_one(tiny_student_f
     assert first.name == second.name
     assert model_fingerprint(first) != model_fingerprint(second)
     assert model_fingerprint(first) == model_fingerprint(load_model(str(tmp_path / "a.npz")))
+
+
+def test_the_cached_fit_follows_a_base_file_that_changed(tiny_student_file, image_folder, tmp_path):
+    import shutil
+
+    from rdcd.models.student import build_student, save_student
+
+    base = tmp_path / "model.pt"
+    shutil.copy(tiny_student_file, base)
+    first = fit_projection(f"{base}+pcaw6", image_folder, progress=False)
+    save_student(build_student("mobilenetv3_large_100", dim=32, kd_dim=64, input_size=64), base)  # retrained
+    assert fit_projection(f"{base}+pcaw6", image_folder, progress=False) != first

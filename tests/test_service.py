@@ -115,6 +115,8 @@ def test_bad_uploads_are_400_or_413(server):
     code, detail = status(b"\xff" * (2 * 1024 * 1024))
     assert code == 413 and "limit of 1048576 bytes" in detail
     assert server.post("/v1/match", json={"descriptors": [[0.5] * 10]}).status_code == 400
+    assert server.post("/v1/match", json={"descriptors": [["a"] * 64]}).status_code == 400  # not numbers
+    assert server.post("/v1/match", json={"descriptors": [{"x": 1}]}).status_code == 400
     assert "model 'phash'" in server.post("/v1/match", json={"descriptors": [[0.1] * 256], "model": "phash"}).text
     assert server.post("/v1/match", data={"k": "3"}).status_code == 400  # no images
 
@@ -152,7 +154,7 @@ def test_refuses_to_start_without_keys_or_on_the_wrong_model(store, tmp_path, mo
 @pytest.mark.slow
 def test_concurrent_adds_and_matches(store):
     """8 clients x 50 requests (half adds of new ids, half matches): no 500, every acknowledged add is kept."""
-    server = Server(store, "--queue-size", "8")
+    server = Server(store, "--queue-size", "8", "--max-images", "8")
     acknowledged, statuses, lock = [], [], threading.Lock()
 
     def client(c):
@@ -237,3 +239,42 @@ def test_embedder_refuses_work_beyond_its_queue():
     release.set()
     assert [f.result(timeout=10).shape for f in first + queued] == [(64,)] * 4
     assert embedder.submit([image])[0].result(timeout=10).shape == (64,)
+
+
+def test_a_timed_out_request_is_dropped_and_the_worker_keeps_going():
+    """A request whose images wait past the timeout gets Busy (503); its jobs are skipped, not embedded."""
+    import numpy as np
+
+    from rdcd.models.hashes import PHashModel
+    from rdcd.server import Busy, Embedder, ServiceConfig, ServiceState
+
+    release = threading.Event()
+
+    class Held(PHashModel):
+        def embed(self, images):
+            release.wait(10)
+            return super().embed(images)
+
+    state = ServiceState.__new__(ServiceState)  # the embedding part of a service, without a store
+    state.config = ServiceConfig(timeout_s=0.2)
+    state.embedder = Embedder(Held(), queue_size=8, batch_size=1, wait_s=0)
+    image = np.zeros((32, 32, 3), np.uint8)
+    blocker = state.embedder.submit([image])
+    time.sleep(0.1)
+    with pytest.raises(Busy):
+        state.embed([image, image])  # waits behind the held batch, times out
+    release.set()
+    assert blocker[0].result(timeout=10).shape == (64,)
+    assert state.embed([image]).shape == (1, 64)  # the worker survived the cancelled jobs
+    assert state.embedder.embedded == 2  # the blocker and the last one; the timed-out two were skipped
+
+
+def test_service_settings_that_cannot_serve_are_refused():
+    from rdcd.server import ServiceConfig
+
+    with pytest.raises(ValueError, match="no API keys"):
+        ServiceConfig().check()
+    with pytest.raises(ValueError, match="raise --queue-size"):
+        ServiceConfig(auth=False, queue_size=8, max_images=64).check()
+    ServiceConfig(auth=False).check()
+

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,17 @@ class ServiceConfig:
     batch_size: int = 32
     batch_wait_s: float = 0.005  # how long the worker waits for more images to fill a batch
     timeout_s: float = 60.0
+
+    def check(self) -> None:
+        """Settings that cannot serve, refused before the store and its model are loaded."""
+        if self.auth and not (self.read_keys or self.write_keys):
+            raise ValueError("no API keys: set RDCD_API_KEYS='read:KEY,write:KEY' or --api-keys-file FILE "
+                             "(--insecure-no-auth for a loopback address)")
+        if min(self.max_images, self.queue_size, self.batch_size) < 1:
+            raise ValueError("the images per request, queue size and batch size must each be at least 1")
+        if self.queue_size < self.max_images:  # a full-size request would be refused even by an idle server
+            raise ValueError(f"the queue ({self.queue_size} images) must hold a whole request "
+                             f"({self.max_images} images): raise --queue-size")
 
 
 class Busy(Exception):
@@ -75,6 +87,9 @@ class Embedder:
                     batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
+            batch = [(a, f) for a, f in batch if f.set_running_or_notify_cancel()]  # cancelled: timed out
+            if not batch:
+                continue
             try:
                 vectors = self.model.embed(np.stack([a for a, _ in batch]))
             except Exception as e:  # noqa: BLE001 - handed to every waiting request
@@ -169,9 +184,7 @@ def create_app(store: ReferenceStore, config: ServiceConfig | None = None):
     from rdcd.service_routes import add_routes
 
     config = config or ServiceConfig()
-    if config.auth and not (config.read_keys or config.write_keys):
-        raise ValueError("no API keys given: set RDCD_API_KEYS or --api-keys-file (or --insecure-no-auth on a "
-                         "loopback address)")
+    config.check()
     app = FastAPI(title="rdcd lookup service", version="1",
                   description=f"Copy detection against {len(store)} references ({store.record['rdcd.model']}).")
     state = ServiceState(store, config)
@@ -205,7 +218,12 @@ class ServiceState:
 
     def embed(self, arrays: list[np.ndarray]) -> np.ndarray:
         futures = self.embedder.submit(arrays)
-        return np.stack([f.result(timeout=self.config.timeout_s) for f in futures])
+        try:
+            return np.stack([f.result(timeout=self.config.timeout_s) for f in futures])
+        except FutureTimeout:  # the worker is behind: drop what has not started, ask to retry (503)
+            for f in futures:
+                f.cancel()
+            raise Busy() from None
 
     def parse_descriptors(self, values, model: str | None) -> np.ndarray:
         if model is not None and model != self.store.record["rdcd.model"]:
@@ -221,7 +239,10 @@ class ServiceState:
                     raise StoreError(f"descriptor {i}: {len(raw)} bytes is not a whole number of float32 values")
                 rows.append(np.frombuffer(raw, "<f4"))
             else:
-                rows.append(np.asarray(value, np.float32).ravel())
+                try:
+                    rows.append(np.asarray(value, np.float32).ravel())
+                except (TypeError, ValueError):
+                    raise StoreError(f"descriptor {i}: not a list of numbers (or a base64 float32 string)") from None
         for i, row in enumerate(rows):
             if row.shape != (self.store.dim,):
                 raise StoreError(f"descriptor {i} has {row.size} values; the store's model "

@@ -17,7 +17,9 @@ def register(subparsers) -> None:
     p.add_argument("--insecure-no-auth", action="store_true", help="no API keys (loopback addresses only)")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="request body limit (default: %(default)s MB)")
     p.add_argument("--max-pixels", type=int, default=None, help="pixel-count limit per image (default: 50 million)")
-    p.add_argument("--queue-size", type=int, default=64, help="images waiting to be embedded before 503")
+    p.add_argument("--max-images", type=int, default=64, help="images or descriptors per request (default: %(default)s)")
+    p.add_argument("--queue-size", type=int, default=64,
+                   help="images waiting to be embedded before 503; at least --max-images (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="most images embedded together")
     p.set_defaults(func=run)
 
@@ -53,7 +55,7 @@ def run(args) -> int:
 
     config = ServiceConfig(max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                            max_pixels=args.max_pixels or SERVICE_MAX_PIXELS, queue_size=args.queue_size,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, max_images=args.max_images)
     if args.api_keys_file:
         with open(args.api_keys_file, encoding="utf-8") as fh:
             config.read_keys, config.write_keys = read_keys(fh.read(), args.api_keys_file)
@@ -63,9 +65,7 @@ def run(args) -> int:
         if not is_loopback(args.host):
             raise ValueError(f"--insecure-no-auth is allowed on a loopback address only, not {args.host}")
         config.auth = False
-    elif not (config.read_keys or config.write_keys):
-        raise ValueError("no API keys: set RDCD_API_KEYS='read:KEY,write:KEY' or --api-keys-file FILE "
-                         "(--insecure-no-auth for a loopback address)")
+    config.check()  # before the store and its model are loaded
     store = ReferenceStore.open(args.index)
     app = create_app(store, config)
     print(f"rdcd: serving {args.index} ({len(store)} references, {store.record['rdcd.model']}) on "

@@ -121,13 +121,18 @@ def fit_projection(spec: str | ProjectionSpec, background, output: str | os.Path
     from ..extract import extract
     from ..images import list_images
     from ..postprocess import PCAWhitening
+    from .shipped import file_sha256
 
     parsed = parse_projection(spec) if not isinstance(spec, ProjectionSpec) else spec
     if parsed is None:
         raise ValueError(f"{spec!r} is not a projection spec (BASE[@SIZE]+pcaDIM or +pcawDIM)")
+    if base_beside and (output is None or Path(parsed.base).resolve().parent != Path(output).resolve().parent):
+        raise ValueError(f"{parsed.base}: base_beside needs the base model file in the output's folder")
     paths = list_images(background)
     digest = background_digest(paths)
-    key = hashlib.sha256(json.dumps([parsed.name, precision, draft, digest]).encode()).hexdigest()[:16]
+    # a base model file that changes in place (a retrained model.pt) must not reuse the old fit
+    weights = file_sha256(parsed.base) if Path(parsed.base).is_file() else None
+    key = hashlib.sha256(json.dumps([parsed.name, precision, draft, digest, weights]).encode()).hexdigest()[:16]
     path = Path(output) if output else cache_dir() / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', parsed.name)}-{key}.npz"
     if output is None and path.is_file():
         return path
@@ -140,8 +145,6 @@ def fit_projection(spec: str | ProjectionSpec, background, output: str | os.Path
     except ValueError as e:
         raise ValueError(f"{parsed.name}: fitting on {len(vectors)} background images ({background}): {e}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    if base_beside and (output is None or Path(parsed.base).resolve().parent != Path(output).resolve().parent):
-        raise ValueError(f"{parsed.base}: base_beside needs the base model file in the output's folder")
     recorded = Path(parsed.base).name if base_beside else parsed.base
     meta = {"format": FILE_KIND, "name": parsed.name, "base": recorded, "input_size": int(base.model.input_size),
             "whiten": parsed.whiten, "dim": parsed.dim, "background_images": len(vectors),
