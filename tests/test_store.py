@@ -162,3 +162,11 @@ def test_ivf_store_survives_remove_add_remove(tmp_path):
     store.remove(["R60"])
     assert len(store) == 59 and "R60" not in store
     assert store.query(["q"], refs[7:8], k=1).reference_ids[0] == "R7"
+
+
+def test_a_file_that_is_not_a_store_gets_a_clear_error(tmp_path):
+    folder = tmp_path / "broken.store"
+    folder.mkdir()
+    (folder / "store.sqlite").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="not an rdcd reference store"):
+        ReferenceStore.open(folder)

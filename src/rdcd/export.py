@@ -449,9 +449,7 @@ def choose_runtime(model: DescriptorModel, runtime: str = "auto", from_file: boo
 
     if isinstance(model, ProjectedModel):  # the base picks its runtime; the projection is a matrix product
         base, how = choose_runtime(model.base, runtime, from_file, threads)
-        kind = "PCA whitening" if model.projection.whiten_components else "PCA"
-        return (ProjectedModel(base, model.projection, model.name),
-                f"{model.name}: {how}, then {kind} to {model.dim} dims")
+        return ProjectedModel(base, model.projection, model.name), model.how(how)
     is_torch = isinstance(model, TorchImageModel)
     on_cpu = is_torch and model.device.type == "cpu"
     if runtime == "onnxruntime" and not is_torch:

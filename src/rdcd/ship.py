@@ -55,8 +55,6 @@ STUDENT_TERMS = ("rdcd's own RDCD student (weights shipped beside the projection
                  "distributed under rdcd's licence. The {dim}-dim projection whitens the student's own descriptors.")
 
 
-
-
 def calibrated_thresholds(validation: dict, valbench) -> dict:
     """The card's ``thresholds`` from a model's scores on its validation benchmark (``score_model`` with
     ``beta=None``): threshold None where precision 0.9 was never reached (auto then refuses); the
@@ -108,6 +106,14 @@ def ship_int8(name: str, weights: Path, size: int, calibration: str, valbench: P
     return entry
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Whole or not at all: a card inside the package is never left half written."""
+    from rdcd.descriptors import atomic_path
+
+    with atomic_path(path, path.suffix) as tmp:
+        Path(tmp).write_text(text)
+
+
 def take_default_from_others(name: str) -> None:
     """One default: take the flag from every shipped card but ``name``'s (JSON and Markdown)."""
     for other in WEIGHTS_DIR.glob("*.json"):
@@ -115,10 +121,10 @@ def take_default_from_others(name: str) -> None:
             data = json.loads(other.read_text())
             if data.get("default"):
                 data["default"] = False
-                other.write_text(json.dumps(data, indent=2) + "\n")
+                _write_text(other, json.dumps(data, indent=2) + "\n")
                 text = other.with_suffix(".md")
                 if text.exists():
-                    text.write_text(text.read_text().replace(DEFAULT_ROW_YES, DEFAULT_ROW_NO))
+                    _write_text(text, text.read_text().replace(DEFAULT_ROW_YES, DEFAULT_ROW_NO))
                 print(f"{other}: no longer the default")
 
 
@@ -205,10 +211,10 @@ def _wall_time(run: Path, run_info: dict) -> str:
 
 
 def _write_card(card: dict, markdown: str, default: bool) -> None:
-    if default:
+    _write_text(WEIGHTS_DIR / f"{card['name']}.json", json.dumps(card, indent=2) + "\n")
+    _write_text(WEIGHTS_DIR / f"{card['name']}.md", markdown)
+    if default:  # after the new card is complete, so an interruption never leaves no default
         take_default_from_others(card["name"])
-    (WEIGHTS_DIR / f"{card['name']}.json").write_text(json.dumps(card, indent=2) + "\n")
-    (WEIGHTS_DIR / f"{card['name']}.md").write_text(markdown)
 
 
 def ship_projection(spec: str, name: str, background, valbench, devbench=None, default: bool = False,

@@ -301,9 +301,13 @@ class SQLiteBackend:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.db = sqlite3.connect(self.folder / self.FILE, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # an acknowledged add is on disk, even after a power cut
-        self.db.execute("PRAGMA busy_timeout=10000")
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")  # an acknowledged add is on disk, even after a power cut
+            self.db.execute("PRAGMA busy_timeout=10000")
+        except sqlite3.DatabaseError as e:  # not an SQLite file: a damaged or foreign store
+            self.db.close()
+            raise StoreError(f"{self.folder}: not an rdcd reference store ({e})") from None
         self.meta = {}
 
     @classmethod
@@ -334,6 +338,7 @@ class SQLiteBackend:
         try:
             (value,) = self.db.execute("SELECT value FROM meta WHERE key = 'store'").fetchone()
         except (sqlite3.DatabaseError, TypeError) as e:
+            self.db.close()
             raise StoreError(f"{folder}: not an rdcd reference store ({e})") from None
         return self._load(json.loads(value))
 

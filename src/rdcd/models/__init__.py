@@ -91,8 +91,7 @@ def runtime_line(model: DescriptorModel) -> str:
     from .projected import ProjectedModel
 
     if isinstance(model, ProjectedModel):
-        kind = "PCA whitening" if model.projection.whiten_components else "PCA"
-        return f"{model.name}: {runtime_line(model.base)}, then {kind} to {model.dim} dims"
+        return model.how(runtime_line(model.base))
     how = ("PyTorch" if model.runs_torch else f"ONNX Runtime ({model.path.name})" if isinstance(model, OnnxModel)
            else type(model).__name__)
     return f"{model.name} runs with {how}"

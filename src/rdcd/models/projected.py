@@ -87,6 +87,11 @@ class ProjectedModel(DescriptorModel):
     def runs_torch(self) -> bool:
         return self.base.runs_torch
 
+    def how(self, base_how: str) -> str:
+        """The one line saying how it runs, from the line of its base."""
+        kind = "PCA whitening" if self.projection.whiten_components else "PCA"
+        return f"{self.name}: {base_how}, then {kind} to {self.dim} dims"
+
     def embed(self, images: np.ndarray) -> np.ndarray:
         from .base import l2_normalize
 
