@@ -876,3 +876,31 @@ def test_a_file_listed_twice_keeps_one_image_id(tmp_path, train_images):
     assert broken.name == "T999.jpg"
     stand_in = TwoViewImages([broken, *paths], TwoViews(build_augmentation("light", 48, normalize=False)), 0)[(0, 0)]
     assert stand_in[0] == 1 and stand_in[3]
+
+
+def test_l2sp_holds_the_backbone_near_its_start_and_resumes_exactly(tmp_path, train_images):
+    """With a large L2-SP weight the backbone moves less from its starting weights than without it;
+    the anchor travels in the checkpoint, so a resumed run ends where an uninterrupted one does."""
+    from rdcd.models.student import build_student
+
+    teacher = tiny_torch_teacher()
+    torch.manual_seed(0)
+    start = build_student("mobilenetv3_large_100", dim=16, kd_dim=24, input_size=48).state_dict()
+
+    def drift(run):
+        state = torch.load(run / "model.pt", weights_only=True)["state_dict"]
+        return sum(float(((state[k].float() - start[k].float()) ** 2).sum()) for k in state
+                   if k.startswith("backbone.") and state[k].is_floating_point() and "running" not in k)
+
+    settings = dict(steps=4, checkpoint_every=100, lr=2.0)
+    train(tiny_config(train_images, tmp_path / "free", teacher, **settings))
+    train(tiny_config(train_images, tmp_path / "held", teacher, l2sp=50.0, **settings))
+    assert drift(tmp_path / "held") < 0.5 * drift(tmp_path / "free")
+    train(tiny_config(train_images, tmp_path / "split", teacher, l2sp=50.0, stop_at=2, **settings))
+    assert "anchor" in torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    train(tiny_config(train_images, tmp_path / "split", teacher, l2sp=50.0, **settings), resume=True)
+    a = torch.load(tmp_path / "held" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "split" / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="l2sp"):
+        train(tiny_config(train_images, tmp_path / "bad", teacher, l2sp=-1.0))

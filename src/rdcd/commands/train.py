@@ -71,6 +71,8 @@ def options() -> dict[str, list[Option]]:
             Option("feature_norm", help="standardise the GeM features before fc (statistics of --head-init-images "
                                         "views, saved in the model), so SGD can train the head at the backbone's "
                                         "learning rate"),
+            Option("l2sp", help="L2-SP: add this weight times the squared distance of the backbone's weights from "
+                                "their starting values to the loss (0: off; default: %(default)s)"),
         ],
         "losses": [
             Option("loss.queue_size", "--queue-size", help="key and teacher queues (default: %(default)s)"),

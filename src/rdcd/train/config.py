@@ -42,6 +42,7 @@ class TrainConfig:
     #                            "pcaw": the head whitens the student's own features (step 0 = PCA whitening)
     head_init_images: int = 1024  # views used by head_init "teacher" / "pcaw" and by feature_norm
     feature_norm: bool = False  # standardise the GeM features before fc (fitted on those views before step 1)
+    l2sp: float = 0.0  # weight of sum ||w - w_start||^2 over the backbone (L2-SP: stay near the starting weights)
     loss: LossConfig = field(default_factory=LossConfig)
     seed: int = 0
     # how to run it (may change when resuming)
@@ -92,6 +93,8 @@ def check_config(config: TrainConfig) -> None:
                          "teacher: use --head-init random or pcaw")
     if config.init and config.feature_norm:
         raise ValueError("--feature-norm builds a new student's head; with --init the trained student keeps its own")
+    if config.l2sp < 0:
+        raise ValueError(f"--l2sp must be >= 0, not {config.l2sp}")
     if config.bn not in BN_MODES:
         raise ValueError(f"bn must be 'batch' or 'frozen', not {config.bn!r}")
     if config.init and config.pretrained:

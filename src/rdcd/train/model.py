@@ -239,6 +239,10 @@ class RDCD:
                 self.features, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=not (config.loss.use_con or config.loss.use_hn))
         self.key_momentum, self.seed, self.device = config.key_momentum, config.seed, device
+        # L2-SP: the backbone's starting weights (a resumed run loads the ones it started from)
+        self.l2sp = config.l2sp
+        self.anchor = {name: p.detach().clone() for name, p in self.student.named_parameters()
+                       if name.startswith("backbone.")} if self.l2sp else {}
         self.autocast = torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
                                        enabled=autocast_dtype is not None)
 
@@ -254,6 +258,9 @@ class RDCD:
             h_s, z_s = self.features(self.normalize(batch.view1))
         image_ids = batch.indices.to(self.device)
         terms = self.criterion(z_s.float(), z_key, h_s.float(), h_t, image_ids)
+        if self.l2sp:
+            drift = sum(((p - self.anchor[n]) ** 2).sum() for n, p in self.student.named_parameters() if n in self.anchor)
+            terms["loss"] = terms["loss"] + self.l2sp * drift
         return Forward(terms, h_t, h_s, z_s, z_key_all, image_ids, times)
 
     def encode_teacher(self, batch, clock) -> tuple[torch.Tensor | None, dict]:
@@ -286,10 +293,15 @@ class RDCD:
         set_train_mode(self.key_encoder, bn)  # batch statistics for the keys too, as MoCo (bn="batch")
 
     def state_dict(self) -> dict:
-        return {"student": self.student.state_dict(), "student_config": dataclasses.asdict(self.student.config),
-                "key_encoder": self.key_encoder.state_dict(), "criterion": self.criterion.state_dict()}
+        state = {"student": self.student.state_dict(), "student_config": dataclasses.asdict(self.student.config),
+                 "key_encoder": self.key_encoder.state_dict(), "criterion": self.criterion.state_dict()}
+        if self.l2sp:
+            state["anchor"] = self.anchor
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        if self.l2sp:
+            self.anchor = {name: tensor.to(self.device) for name, tensor in state["anchor"].items()}
         self.student.load_state_dict(state["student"])
         self.key_encoder.load_state_dict(state["key_encoder"])
         self.criterion.load_state_dict(state["criterion"])
