@@ -59,7 +59,11 @@ class MilvusBackend:
 
             if not Path(uri).exists():
                 return False
-        return cls(target).client.has_collection(f"{name}_meta")
+        probe = cls(target)
+        try:
+            return probe.client.has_collection(f"{name}_meta")
+        finally:
+            probe.close()  # milvus-lite runs a local server per client: do not leave one behind
 
     @classmethod
     def create(cls, target: str, dim: int, searched_dim: int, meta: dict, background) -> "MilvusBackend":
