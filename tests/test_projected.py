@@ -125,3 +125,48 @@ def test_the_cached_fit_follows_a_base_file_that_changed(tiny_student_file, imag
     first = fit_projection(f"{base}+pcaw6", image_folder, progress=False)
     save_student(build_student("mobilenetv3_large_100", dim=32, kd_dim=64, input_size=64), base)  # retrained
     assert fit_projection(f"{base}+pcaw6", image_folder, progress=False) != first
+
+
+def test_a_trained_students_backbone_is_read_out_and_whitened_into_a_new_head(tmp_path):
+    """``gem:STUDENT_FILE`` gives the student's (standardised) GeM features; ``with_pcaw_head`` keeps
+    the backbone and makes the head exactly PCA whitening of those features, fitted on background
+    images, at a new size; the result saves and loads as an ordinary student."""
+    import torch
+
+    from conftest import picture_folder
+    from rdcd.extract import extract
+    from rdcd.images import list_images
+    from rdcd.models.student import (GeMFeatures, StudentModel, TorchImageModel, build_student, load_student,
+                                     save_student, with_pcaw_head)
+    from rdcd.postprocess import PCAWhitening
+
+    torch.manual_seed(0)
+    net = build_student("mobilenetv3_large_100", dim=6, kd_dim=12, input_size=48, feature_norm=True)
+    with torch.no_grad():  # a standardisation that is not the identity
+        net.feature_norm.mean.uniform_(0, 1)
+        net.feature_norm.scale.uniform_(0.5, 2)
+    path = save_student(net.eval(), tmp_path / "trained.pt")
+    background = picture_folder(tmp_path / "bg", 20)
+    others = list_images(picture_folder(tmp_path / "others", 5))
+
+    new, n_fit = with_pcaw_head(load_student(path), background, 4)
+    assert n_fit == 20 and new.config.dim == 4 and new.projector.out_features == 4
+    old_state = load_student(path).state_dict()
+    for key, value in new.state_dict().items():
+        if not key.startswith(("fc.", "projector.")):
+            assert torch.equal(value, old_state[key]), key
+
+    raw = TorchImageModel(GeMFeatures(load_student(path)), dim=960, input_size=48, l2_normalize=False)
+    fitted = PCAWhitening(4).fit(extract(raw, list_images(background), progress=False).vectors)
+    expected = fitted.transform(extract(raw, others, progress=False).vectors)
+    shipped = load_model(str(save_student(new, tmp_path / "whitened.pt")))
+    got = extract(shipped, others, progress=False).vectors
+    assert got.shape == (5, 4) and np.allclose(got, expected, atol=1e-4)
+
+    readout = load_model(f"gem:{path}")
+    unit = extract(raw, others, progress=False).vectors
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    assert readout.input_size == 48 and np.allclose(extract(readout, others, progress=False).vectors, unit, atol=1e-5)
+    with pytest.raises(ValueError, match="kd_dim >= 16"):
+        with_pcaw_head(load_student(path), background, 16)
+    assert isinstance(shipped, StudentModel)

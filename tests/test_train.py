@@ -904,3 +904,27 @@ def test_l2sp_holds_the_backbone_near_its_start_and_resumes_exactly(tmp_path, tr
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="l2sp"):
         train(tiny_config(train_images, tmp_path / "bad", teacher, l2sp=-1.0))
+
+
+def test_freeze_stages_keeps_the_stem_and_first_stages_and_trains_the_rest(tmp_path, train_images):
+    """--freeze-stages 2: after training the stem and the first two stages of blocks (weights and
+    batch-norm statistics, even with batch statistics on) are bit-identical to the start; the later
+    stages and the head moved. A backbone without that layout, or too few stages, is refused."""
+    from rdcd.models.student import build_student
+
+    teacher = tiny_torch_teacher()
+    torch.manual_seed(0)
+    start = build_student("mobilenetv3_large_100", dim=16, kd_dim=24, input_size=48).state_dict()
+    train(tiny_config(train_images, tmp_path / "frozen", teacher, steps=3, lr=2.0, bn="batch", freeze_stages=2))
+    state = torch.load(tmp_path / "frozen" / "model.pt", weights_only=True)["state_dict"]
+    frozen = [k for k in state if k.startswith(("backbone.conv_stem.", "backbone.bn1.", "backbone.blocks.0.",
+                                                "backbone.blocks.1."))]
+    later = [k for k in state if k.startswith("backbone.blocks.3.") and state[k].is_floating_point()]
+    assert frozen and later
+    assert all(torch.equal(state[k].float(), start[k].float()) for k in frozen)
+    assert any(not torch.equal(state[k].float(), start[k].float()) for k in later)
+    assert not torch.equal(state["fc.weight"].float(), start["fc.weight"].float())
+    with pytest.raises(ValueError, match="has 7 stages"):
+        train(tiny_config(train_images, tmp_path / "bad", teacher, steps=1, freeze_stages=8))
+    with pytest.raises(ValueError, match="freeze-stages must be >= 0"):
+        train(tiny_config(train_images, tmp_path / "bad2", teacher, freeze_stages=-1))

@@ -130,17 +130,27 @@ def take_default_from_others(name: str) -> None:
 
 def ship_student(run, name: str, valbench, devbench=None, default: bool = False, description: str | None = None,
                  int8_calibration: str | None = None, int8_calibration_size: int = 128, int8_weight_bits: int = 7,
-                 reuse: bool = False, keep_weights: bool = False) -> dict:
+                 reuse: bool = False, keep_weights: bool = False, head_pcaw: int | None = None,
+                 head_background=None) -> dict:
     """Ship the student of a training run folder (``model.pt``, ``config.json``, ``summary.json``) as
     ``NAME`` (see the module doc); returns its card. ``reuse``: keep the measurements of an existing
     ``NAME.json`` and rewrite the card texts only; ``keep_weights``: keep the shipped ``NAME.pt`` and
-    measure everything again (e.g. after a change of the default input pipeline)."""
-    from rdcd.models.student import StudentModel, load_student, save_student
+    measure everything again (e.g. after a change of the default input pipeline). ``head_pcaw``:
+    ship the run's backbone with its head replaced by PCA whitening of its GeM features to that many
+    dims, fitted on ``head_background`` (the training pool; ``rdcd.models.student.with_pcaw_head``)."""
+    from rdcd.models.student import StudentModel, load_student, save_student, with_pcaw_head
+
+    if head_pcaw and not head_background:
+        raise ValueError("head_pcaw needs head_background: the images the whitening is fitted on (training pool)")
 
     run, valbench = Path(run), Path(valbench)
     run_info = json.loads((run / "config.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
     net = load_student(run / "model.pt")
+    head = None
+    if head_pcaw and not (reuse or keep_weights):
+        net, n_fit = with_pcaw_head(net, head_background, head_pcaw, progress=True)
+        head = {"kind": "pcaw", "dim": head_pcaw, "background": str(head_background), "images": n_fit}
     WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
     weights = WEIGHTS_DIR / f"{name}.pt"
     previous_path = WEIGHTS_DIR / f"{name}.json"
@@ -170,6 +180,7 @@ def ship_student(run, name: str, valbench, devbench=None, default: bool = False,
         "description": description or f"RDCD student {net.config.backbone}, {net.config.dim}-d, "
                                       f"distilled from SSCD on this project's training pool",
         "file_bytes": weights.stat().st_size, "fp16_cosine_min": cos,
+        "head": head or (previous or {}).get("head"),
         "thresholds": thresholds, "validation": val,
         "training": {"run": str(run), "steps": summary.get("step"), "wall_time": _wall_time(run, run_info),
                      "machine": run_info["resolved"].get("machine")

@@ -39,5 +39,6 @@ def run(args) -> int:
           "                       e.g. sscd+pcaw128, sscd-distilled@160+pcaw64\n"
           "  student:BACKBONE[:DIM]  an untrained student on any timm backbone\n"
           "  gem:BACKBONE         a backbone's GeM features, no head (ImageNet weights where shipped offline)\n"
+          "  gem:STUDENT_FILE     a trained student's GeM features, without its head\n"
           "  model files          .onnx, rdcd .pt, fitted projections .npz, SSCD .torchscript.pt / .torchvision.pt")
     return 0

@@ -26,6 +26,11 @@ def register(subparsers) -> None:
     s.add_argument("--keep-weights", action="store_true",
                    help="keep the shipped NAME.pt as it is and measure everything again (e.g. after a change "
                         "of the default input pipeline)")
+    s.add_argument("--head-pcaw", type=int, default=None, metavar="DIM",
+                   help="replace the run's head by PCA whitening of its backbone's GeM features to DIM dims "
+                        "(fitted on --head-background)")
+    s.add_argument("--head-background", default=None,
+                   help="images the --head-pcaw whitening is fitted on: the training pool, never a benchmark")
     s.set_defaults(func=run_student)
 
     j = sub.add_parser("projection", help="BASE[@SIZE]+pcawDIM fitted on the training pool: .npz, thresholds, card")
@@ -52,7 +57,7 @@ def run_student(args) -> int:
     torch.set_num_threads(args.threads)
     card = ship_student(args.run, args.name, args.valbench, args.devbench, args.default, args.description,
                         args.int8_calibration, args.int8_calibration_size, args.int8_weight_bits, args.reuse,
-                        args.keep_weights)
+                        args.keep_weights, args.head_pcaw, args.head_background)
     print("\n".join(summary_lines(card)), file=sys.stderr)
     return 0
 

@@ -73,6 +73,9 @@ def options() -> dict[str, list[Option]]:
                                         "learning rate"),
             Option("l2sp", help="L2-SP: add this weight times the squared distance of the backbone's weights from "
                                 "their starting values to the loss (0: off; default: %(default)s)"),
+            Option("freeze_stages", help="keep the stem and the first N stages of the backbone's blocks at their "
+                                         "starting weights: no gradient and no backward pass through them, so a "
+                                         "step costs less (0: train everything; default: %(default)s)"),
         ],
         "losses": [
             Option("loss.queue_size", "--queue-size", help="key and teacher queues (default: %(default)s)"),

@@ -157,11 +157,21 @@ def _untrained_student(spec: str, input_size: int | None = None, device="cpu", *
 
 def _backbone_gem(spec: str, input_size: int | None = None, device="cpu", **kwargs) -> DescriptorModel:
     """``gem:BACKBONE``: the backbone's GeM-pooled features, L2-normalised, no head (ImageNet weights
-    where they exist offline): the untrained starting point of a student, as a baseline."""
+    where they exist offline): the untrained starting point of a student, as a baseline.
+    ``gem:STUDENT_FILE``: the same read-out of a trained student's backbone (standardised where the
+    student standardises), e.g. to PCA-whiten what training taught the backbone."""
     from .student import OFFLINE_PRETRAINED, GeMFeatures, TorchImageModel, build_student
 
     backbone = spec.split(":", 1)[1]
-    net = build_student(backbone, input_size=input_size or 288, pretrained=backbone in OFFLINE_PRETRAINED, name=spec)
+    if Path(backbone).is_file():  # a trained student's backbone: its GeM features, without its head
+        from .student import load_student
+
+        net = load_student(backbone)
+        if input_size:
+            net.config.input_size = input_size
+    else:
+        net = build_student(backbone, input_size=input_size or 288, pretrained=backbone in OFFLINE_PRETRAINED,
+                            name=spec)
     return TorchImageModel(GeMFeatures(net), dim=net.backbone.num_features, input_size=net.config.input_size,
                            mean=net.config.mean, std=net.config.std, name=spec, device=device)
 

@@ -136,7 +136,8 @@ def fit_projection(spec: str | ProjectionSpec, background, output: str | os.Path
     paths = list_images(background)
     digest = background_digest(paths)
     # a base model file that changes in place (a retrained model.pt) must not reuse the old fit
-    weights = file_sha256(parsed.base) if Path(parsed.base).is_file() else None
+    base_file = parsed.base[len("gem:"):] if parsed.base.startswith("gem:") else parsed.base
+    weights = file_sha256(base_file) if Path(base_file).is_file() else None
     key = hashlib.sha256(json.dumps([parsed.name, precision, draft, digest, weights]).encode()).hexdigest()[:16]
     path = Path(output) if output else cache_dir() / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', parsed.name)}-{key}.npz"
     if output is None and path.is_file():

@@ -143,6 +143,53 @@ class GeMFeatures(nn.Module):
         return self.net.pooled(x)
 
 
+@torch.no_grad()
+def fit_head_pcaw(student: StudentNet, features: torch.Tensor) -> dict:
+    """``head_init="pcaw"``: fc = PCA whitening of its input ``features`` to kd_dim (centred,
+    unit variance per component, components by decreasing variance), projector = the first d of
+    those components. At step 0 the descriptor is then exactly PCA whitening of the student's own
+    features to d dimensions (``rdcd.postprocess.PCAWhitening``), the untrained baseline; no
+    teacher is involved."""
+    from ..postprocess import PCAWhitening
+
+    kd, dim = student.fc.out_features, student.projector.out_features
+    if len(features) <= kd:
+        raise ValueError(f"head_init='pcaw' whitens to kd_dim {kd}: it needs more than {kd} views "
+                         f"(--head-init-images), got {len(features)}")
+    whitening = PCAWhitening(kd).fit(features.cpu().numpy())
+    projection = torch.from_numpy(whitening.projection_).double()  # (F, kd)
+    mean = torch.from_numpy(whitening.mean_).double()
+    student.fc.weight.copy_(projection.T.float())
+    student.fc.bias.copy_((-mean @ projection).float())
+    student.projector.weight.copy_(torch.eye(dim, kd))
+    student.projector.bias.zero_()
+    return {"images": len(features)}
+
+def with_pcaw_head(net: StudentNet, background, dim: int, batch_size: int = 32, progress: bool = False
+                   ) -> tuple[StudentNet, int]:
+    """A copy of a trained student with its backbone (and GeM standardisation) unchanged and its head
+    replaced by PCA whitening of its GeM features on the ``background`` images (a folder, file
+    list or list of paths: the training pool, never a benchmark) to ``dim`` dimensions
+    (``fit_head_pcaw``): what training taught the backbone, read out isotropically. The images are
+    embedded as ``rdcd extract`` embeds them (the student's input size, the same decoding). Returns
+    (the new student, the number of background images fitted on)."""
+    from ..extract import extract
+    from ..images import list_images
+
+    if dim > net.config.kd_dim:
+        raise ValueError(f"a PCA-whitening head of {dim} dims needs kd_dim >= {dim}; this student's is {net.config.kd_dim}")
+    new = StudentNet(dataclasses.replace(net.config, dim=dim))
+    kept = {k: v for k, v in net.state_dict().items() if not k.startswith("projector.")}
+    missing = new.load_state_dict(kept, strict=False).missing_keys
+    if any(not k.startswith("projector.") for k in missing):
+        raise ValueError(f"with_pcaw_head: weights missing from the student: {missing}")
+    pooled = TorchImageModel(GeMFeatures(new), dim=new.backbone.num_features, input_size=new.config.input_size,
+                             mean=new.config.mean, std=new.config.std, name="gem", l2_normalize=False)
+    features = extract(pooled, list_images(background), batch_size=batch_size, progress=progress).vectors
+    fit_head_pcaw(new, torch.from_numpy(features).double())
+    return new.eval(), len(features)
+
+
 def residual_block_names(backbone: nn.Module) -> list[str]:
     """"stage.index" of each block of a timm EfficientNet/MobileNet-style backbone (``backbone.blocks``,
     a sequence of stages) whose output adds its input (a skip connection): the blocks that can be
@@ -345,8 +392,10 @@ class TorchImageModel(DescriptorModel):
     runs_torch = True
 
     def __init__(self, module: nn.Module, dim: int, input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 name: str = "torch", device: str | torch.device = "cpu", channels_last: bool = True):
+                 name: str = "torch", device: str | torch.device = "cpu", channels_last: bool = True,
+                 l2_normalize: bool = True):
         self.module = module.eval().to(device)
+        self.l2_normalize = l2_normalize  # False: the module's raw output (e.g. features to fit a head on)
         self.dim = int(dim)
         self.input_size = int(input_size)
         self.name = name
@@ -369,8 +418,8 @@ class TorchImageModel(DescriptorModel):
     def embed(self, images: np.ndarray) -> np.ndarray:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images of shape (n, H, W, 3), got {images.dtype} {images.shape}")
-        out = self.module(self.to_input(images))
-        return F.normalize(out.float(), dim=1).cpu().numpy()
+        out = self.module(self.to_input(images)).float()
+        return (F.normalize(out, dim=1) if self.l2_normalize else out).cpu().numpy()
 
 
 class StudentModel(TorchImageModel):

@@ -43,6 +43,7 @@ class TrainConfig:
     head_init_images: int = 1024  # views used by head_init "teacher" / "pcaw" and by feature_norm
     feature_norm: bool = False  # standardise the GeM features before fc (fitted on those views before step 1)
     l2sp: float = 0.0  # weight of sum ||w - w_start||^2 over the backbone (L2-SP: stay near the starting weights)
+    freeze_stages: int = 0  # the stem and the first N stages of backbone blocks keep their weights (no backward)
     loss: LossConfig = field(default_factory=LossConfig)
     seed: int = 0
     # how to run it (may change when resuming)
@@ -95,6 +96,8 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError("--feature-norm builds a new student's head; with --init the trained student keeps its own")
     if config.l2sp < 0:
         raise ValueError(f"--l2sp must be >= 0, not {config.l2sp}")
+    if config.freeze_stages < 0:
+        raise ValueError(f"--freeze-stages must be >= 0, not {config.freeze_stages}")
     if config.bn not in BN_MODES:
         raise ValueError(f"bn must be 'batch' or 'frozen', not {config.bn!r}")
     if config.init and config.pretrained:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..augment import build_augmentation, view_seed
 from ..images import ImageLoadError, open_image
-from ..models.student import StudentNet
+from ..models.student import StudentNet, fit_head_pcaw
 from .config import TrainConfig
 from .log import say
 from .model import FrozenTeacher, Normalize, load_teacher
@@ -119,26 +119,3 @@ def fit_head_to_teacher(student: StudentNet, features: torch.Tensor, h_t: torch.
     student.projector.bias.copy_((-proj @ h_mean).float())
     cos = F.cosine_similarity(h, h_t, dim=1).mean().item()
     return {"images": len(features), "fit_cosine": cos}
-
-
-@torch.no_grad()
-def fit_head_pcaw(student: StudentNet, features: torch.Tensor) -> dict:
-    """``head_init="pcaw"``: fc = PCA whitening of its input ``features`` to kd_dim (centred,
-    unit variance per component, components by decreasing variance), projector = the first d of
-    those components. At step 0 the descriptor is then exactly PCA whitening of the student's own
-    features to d dimensions (``rdcd.postprocess.PCAWhitening``), the untrained baseline; no
-    teacher is involved."""
-    from ..postprocess import PCAWhitening
-
-    kd, dim = student.fc.out_features, student.projector.out_features
-    if len(features) <= kd:
-        raise ValueError(f"head_init='pcaw' whitens to kd_dim {kd}: it needs more than {kd} views "
-                         f"(--head-init-images), got {len(features)}")
-    whitening = PCAWhitening(kd).fit(features.cpu().numpy())
-    projection = torch.from_numpy(whitening.projection_).double()  # (F, kd)
-    mean = torch.from_numpy(whitening.mean_).double()
-    student.fc.weight.copy_(projection.T.float())
-    student.fc.bias.copy_((-mean @ projection).float())
-    student.projector.weight.copy_(torch.eye(dim, kd))
-    student.projector.bias.zero_()
-    return {"images": len(features)}

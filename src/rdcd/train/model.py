@@ -83,6 +83,28 @@ class StudentFeatures(nn.Module):
         return self.net.forward_features(x)
 
 
+def frozen_stem_and_stages(net: StudentNet, stages: int) -> list[nn.Module]:
+    """The modules ``freeze_stages`` keeps fixed: the backbone's stem (``conv_stem``, ``bn1``) and its
+    first ``stages`` stages of blocks (timm's EfficientNet / MobileNet layout)."""
+    if not stages:
+        return []
+    backbone = net.backbone
+    blocks = getattr(backbone, "blocks", None)
+    if blocks is None or not hasattr(backbone, "conv_stem"):
+        raise ValueError(f"--freeze-stages: {net.config.backbone} has no conv_stem and blocks (timm's "
+                         "EfficientNet/MobileNet layout)")
+    if stages > len(blocks):
+        raise ValueError(f"--freeze-stages {stages}: {net.config.backbone} has {len(blocks)} stages")
+    return [backbone.conv_stem, backbone.bn1, *blocks[:stages]]
+
+
+def freeze(modules: list[nn.Module]) -> None:
+    """No gradient for these modules' parameters, and their batch norms in eval mode for good."""
+    for module in modules:
+        module.requires_grad_(False)
+        module.eval()
+
+
 def set_train_mode(net: nn.Module, bn: str) -> None:
     """Training mode; with ``bn="frozen"`` every batch norm stays in eval mode (running statistics
     used and kept, affine parameters still trained), the usual fine-tuning choice for small batches."""
@@ -229,7 +251,11 @@ class RDCD:
     def __init__(self, student: StudentNet, teacher: FrozenTeacher | None, teacher_dim: int, config: TrainConfig,
                  device: torch.device, autocast_dtype: torch.dtype | None):
         self.teacher, self.teacher_free = teacher, not config.loss.use_rel
+        # frozen layers: neither gradients nor batch statistics (the key encoder copies them unchanged)
+        self.frozen = frozen_stem_and_stages(student, config.freeze_stages)
+        freeze(self.frozen)
         self.key_encoder = copy.deepcopy(student).requires_grad_(False)
+        self.frozen += frozen_stem_and_stages(self.key_encoder, config.freeze_stages)
         self.student = sync_batchnorm(student, device) if du.world_size() > 1 else student
         self.criterion = RDCDLoss(config.dim, teacher_dim, config.loss).to(device)
         self.normalize = Normalize(student.config.mean, student.config.std, device, config.channels_last)
@@ -291,6 +317,8 @@ class RDCD:
     def train_mode(self, bn: str) -> None:
         set_train_mode(self.student, bn)
         set_train_mode(self.key_encoder, bn)  # batch statistics for the keys too, as MoCo (bn="batch")
+        for module in self.frozen:
+            module.eval()
 
     def state_dict(self) -> dict:
         state = {"student": self.student.state_dict(), "student_config": dataclasses.asdict(self.student.config),
