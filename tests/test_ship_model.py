@@ -98,3 +98,48 @@ def test_ship_a_trained_student_with_its_own_whitening(small_bench, tmp_path, mo
     model = load_projected(Path(moved) / "tiny-w8.npz", name="tiny-w8")
     vectors = model.embed(np.zeros((2, 64, 64, 3), np.uint8) + 100)
     assert vectors.shape == (2, 8) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+
+
+def test_ship_a_runs_snapshot_with_a_pca_whitening_head(small_bench, tmp_path, monkeypatch, capsys):
+    """``rdcd ship student --head-pcaw 8 --weights stepN.pt``: the snapshot's backbone ships with its
+    head replaced by PCA whitening of its GeM features on the background images, at the new size;
+    the card and the model card say so, with the snapshot's step; the int8 file is made from it."""
+    import numpy as np
+    import torch
+
+    import rdcd.ship as ship
+    from conftest import picture_folder
+    from rdcd.cli import main
+    from rdcd.extract import extract
+    from rdcd.images import list_images
+    from rdcd.models.student import GeMFeatures, TorchImageModel, load_student, save_student
+    from rdcd.postprocess import PCAWhitening
+    from rdcd.train import train
+    from test_train import tiny_config, tiny_torch_teacher
+
+    weights = tmp_path / "weights"
+    monkeypatch.setattr(ship, "WEIGHTS_DIR", weights)
+    images = picture_folder(tmp_path / "pool", 40)
+    run = tmp_path / "run"
+    train(tiny_config(images, run, tiny_torch_teacher(), steps=4, eval_size=64))
+    save_student(load_student(run / "model.pt"), run / "step3.pt")  # stands in for a snapshot
+    assert main(["ship", "student", "--run", str(run), "--name", "x", "--valbench", str(small_bench),
+                 "--head-pcaw", "8", "--head-background", str(images), "--weights", "../model.pt"]) != 0
+    assert "a snapshot is a file stepN.pt inside the run folder" in capsys.readouterr().err
+    assert main(["ship", "student", "--run", str(run), "--name", "tiny-w8", "--valbench", str(small_bench),
+                 "--head-pcaw", "8", "--head-background", str(images), "--weights", "step3.pt",
+                 "--threads", "1"]) == 0
+    card = json.loads((weights / "tiny-w8.json").read_text())
+    assert card["dim"] == 8 and card["head"] == {"kind": "pcaw", "dim": 8, "background": str(images), "images": 40}
+    assert card["training"]["steps"] == 3 and card["training"]["weights"] == "step3.pt"
+    assert "PCA whitening of the trained backbone" in (weights / "tiny-w8.md").read_text()
+    assert (weights / card["int8"]["file"]).is_file()
+    shipped = load_model(str(weights / "tiny-w8.pt"))
+    trained = load_student(run / "step3.pt")
+    raw = TorchImageModel(GeMFeatures(trained), dim=trained.backbone.num_features, input_size=64, l2_normalize=False)
+    probe = list_images(small_bench / "queries")[:4]
+    pcaw = PCAWhitening(8).fit(extract(raw, list_images(images), progress=False).vectors)
+    expected = pcaw.transform(extract(raw, probe, progress=False).vectors)
+    assert np.allclose(extract(shipped, probe, progress=False).vectors, expected, atol=2e-2)  # fp16 weights
+    assert torch.equal(load_student(weights / "tiny-w8.pt").backbone.conv_stem.weight,
+                       trained.backbone.conv_stem.weight.half().float())

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -131,13 +132,15 @@ def take_default_from_others(name: str) -> None:
 def ship_student(run, name: str, valbench, devbench=None, default: bool = False, description: str | None = None,
                  int8_calibration: str | None = None, int8_calibration_size: int = 128, int8_weight_bits: int = 7,
                  reuse: bool = False, keep_weights: bool = False, head_pcaw: int | None = None,
-                 head_background=None) -> dict:
+                 head_background=None, weights_file: str | None = None) -> dict:
     """Ship the student of a training run folder (``model.pt``, ``config.json``, ``summary.json``) as
     ``NAME`` (see the module doc); returns its card. ``reuse``: keep the measurements of an existing
     ``NAME.json`` and rewrite the card texts only; ``keep_weights``: keep the shipped ``NAME.pt`` and
     measure everything again (e.g. after a change of the default input pipeline). ``head_pcaw``:
     ship the run's backbone with its head replaced by PCA whitening of its GeM features to that many
-    dims, fitted on ``head_background`` (the training pool; ``rdcd.models.student.with_pcaw_head``)."""
+    dims, fitted on ``head_background`` (the training pool; ``rdcd.models.student.with_pcaw_head``).
+    ``weights_file``: a snapshot ``stepN.pt`` inside the run folder instead of ``model.pt`` (the card
+    then says N steps)."""
     from rdcd.models.student import StudentModel, load_student, save_student, with_pcaw_head
 
     if head_pcaw and not head_background:
@@ -146,7 +149,13 @@ def ship_student(run, name: str, valbench, devbench=None, default: bool = False,
     run, valbench = Path(run), Path(valbench)
     run_info = json.loads((run / "config.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
-    net = load_student(run / "model.pt")
+    source = run / (weights_file or "model.pt")
+    if weights_file:
+        step = re.fullmatch(r"step(\d+)\.pt", Path(weights_file).name)
+        if step is None or Path(weights_file).name != weights_file:
+            raise ValueError(f"{weights_file}: a snapshot is a file stepN.pt inside the run folder {run}")
+        summary = dict(summary, step=int(step.group(1)), images_per_s=None)
+    net = load_student(source)
     head = None
     if head_pcaw and not (reuse or keep_weights):
         net, n_fit = with_pcaw_head(net, head_background, head_pcaw, progress=True)
@@ -182,7 +191,9 @@ def ship_student(run, name: str, valbench, devbench=None, default: bool = False,
         "file_bytes": weights.stat().st_size, "fp16_cosine_min": cos,
         "head": head or (previous or {}).get("head"),
         "thresholds": thresholds, "validation": val,
-        "training": {"run": str(run), "steps": summary.get("step"), "wall_time": _wall_time(run, run_info),
+        "training": {"run": str(run), "weights": source.name, "steps": summary.get("step"),
+                     "wall_time": (f"n/a (snapshot at step {summary['step']} of the run)" if weights_file
+                                   else _wall_time(run, run_info)),
                      "machine": run_info["resolved"].get("machine")
                      or f"{machine_description(load=False)} (described when shipping; the run did not record it)",
                      "argv": run_info["resolved"].get("argv")},

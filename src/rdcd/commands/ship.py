@@ -31,6 +31,8 @@ def register(subparsers) -> None:
                         "(fitted on --head-background)")
     s.add_argument("--head-background", default=None,
                    help="images the --head-pcaw whitening is fitted on: the training pool, never a benchmark")
+    s.add_argument("--weights", default=None, metavar="stepN.pt",
+                   help="ship this snapshot inside the run folder instead of its model.pt")
     s.set_defaults(func=run_student)
 
     j = sub.add_parser("projection", help="BASE[@SIZE]+pcawDIM fitted on the training pool: .npz, thresholds, card")
@@ -57,7 +59,7 @@ def run_student(args) -> int:
     torch.set_num_threads(args.threads)
     card = ship_student(args.run, args.name, args.valbench, args.devbench, args.default, args.description,
                         args.int8_calibration, args.int8_calibration_size, args.int8_weight_bits, args.reuse,
-                        args.keep_weights, args.head_pcaw, args.head_background)
+                        args.keep_weights, args.head_pcaw, args.head_background, args.weights)
     print("\n".join(summary_lines(card)), file=sys.stderr)
     return 0
 
