@@ -156,17 +156,19 @@ def test_a_trained_students_backbone_is_read_out_and_whitened_into_a_new_head(tm
         if not key.startswith(("fc.", "projector.")):
             assert torch.equal(value, old_state[key]), key
 
-    raw = TorchImageModel(GeMFeatures(load_student(path)), dim=960, input_size=48, l2_normalize=False)
-    fitted = PCAWhitening(4).fit(extract(raw, list_images(background), progress=False).vectors)
-    expected = fitted.transform(extract(raw, others, progress=False).vectors)
+    unit = TorchImageModel(GeMFeatures(load_student(path)), dim=960, input_size=48)  # L2-normalised
+    fitted = PCAWhitening(4).fit(extract(unit, list_images(background), progress=False).vectors)
+    expected = fitted.transform(extract(unit, others, progress=False).vectors)
     shipped = load_model(str(save_student(new, tmp_path / "whitened.pt")))
     got = extract(shipped, others, progress=False).vectors
-    assert got.shape == (5, 4) and np.allclose(got, expected, atol=1e-4)
+    assert got.shape == (5, 4) and np.allclose(got, expected, atol=1e-4) and shipped.net.config.head_l2norm
 
-    readout = load_model(f"gem:{path}")
-    unit = extract(raw, others, progress=False).vectors
-    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
-    assert readout.input_size == 48 and np.allclose(extract(readout, others, progress=False).vectors, unit, atol=1e-5)
+    readout = load_model(f"gem:{path}")  # the same read-out through a model spec
+    raw = TorchImageModel(GeMFeatures(load_student(path)), dim=960, input_size=48, l2_normalize=False)
+    features = extract(raw, others, progress=False).vectors
+    assert np.allclose(extract(readout, others, progress=False).vectors,
+                       features / np.linalg.norm(features, axis=1, keepdims=True), atol=1e-5)
+    assert readout.input_size == 48
     with pytest.raises(ValueError, match="kd_dim >= 16"):
         with_pcaw_head(load_student(path), background, 16)
     assert isinstance(shipped, StudentModel)

@@ -136,7 +136,7 @@ def test_ship_a_runs_snapshot_with_a_pca_whitening_head(small_bench, tmp_path, m
     assert (weights / card["int8"]["file"]).is_file()
     shipped = load_model(str(weights / "tiny-w8.pt"))
     trained = load_student(run / "step3.pt")
-    raw = TorchImageModel(GeMFeatures(trained), dim=trained.backbone.num_features, input_size=64, l2_normalize=False)
+    raw = TorchImageModel(GeMFeatures(trained), dim=trained.backbone.num_features, input_size=64)
     probe = list_images(small_bench / "queries")[:4]
     pcaw = PCAWhitening(8).fit(extract(raw, list_images(images), progress=False).vectors)
     expected = pcaw.transform(extract(raw, probe, progress=False).vectors)

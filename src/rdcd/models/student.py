@@ -8,6 +8,10 @@ step sized for the backbone barely moves fc, and one sized for fc wrecks it; a f
 standardisation (mean and scale fitted on training views before step 1, saved with the weights)
 gives fc a well-conditioned input.
 
+``head_l2norm`` (off in training runs): fc's input is L2-normalised first. A student shipped with a
+PCA-whitening head (``with_pcaw_head``) has it, so its head is exactly PCA whitening of the
+L2-normalised GeM features, the ``gem:STUDENT_FILE+pcawDIM`` read-out.
+
 h_S (un-normalised) feeds the relational distillation loss, z_S is what inference returns.
 GeM's p is fixed at 3 by default, as in SSCD's teacher, so the student pools the way the teacher
 does; ``gem_learnable=True`` makes it a parameter instead (saved with the model either way).
@@ -48,6 +52,7 @@ class StudentConfig:
     # shallower, faster student made from a trained one (rdcd train --init M --drop-blocks ...)
     drop_blocks: tuple[str, ...] = ()
     feature_norm: bool = False  # standardise the GeM features before fc (FeatureStandardizer)
+    head_l2norm: bool = False  # L2-normalise fc's input (students shipped with a PCA-whitening head)
     extra: dict = field(default_factory=dict)  # free-form provenance (training run, teacher, ...)
 
     @classmethod
@@ -124,7 +129,8 @@ class StudentNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (h_S un-normalised, z_S unit-norm descriptor)."""
-        h = self.fc(self.pooled(x))
+        features = self.pooled(x)
+        h = self.fc(F.normalize(features, dim=1) if self.config.head_l2norm else features)
         z = F.normalize(self.projector(h), dim=1)
         return h, z
 
@@ -168,23 +174,25 @@ def fit_head_pcaw(student: StudentNet, features: torch.Tensor) -> dict:
 def with_pcaw_head(net: StudentNet, background, dim: int, batch_size: int = 32, progress: bool = False
                    ) -> tuple[StudentNet, int]:
     """A copy of a trained student with its backbone (and GeM standardisation) unchanged and its head
-    replaced by PCA whitening of its GeM features on the ``background`` images (a folder, file
-    list or list of paths: the training pool, never a benchmark) to ``dim`` dimensions
-    (``fit_head_pcaw``): what training taught the backbone, read out isotropically. The images are
-    embedded as ``rdcd extract`` embeds them (the student's input size, the same decoding). Returns
+    replaced by PCA whitening of its L2-normalised GeM features on the ``background`` images (a
+    folder, file list or list of paths: the training pool, never a benchmark) to ``dim`` dimensions
+    (``fit_head_pcaw``, with ``head_l2norm`` on): what training taught the backbone, read out
+    isotropically; its descriptors are those of ``gem:STUDENT_FILE+pcawDIM`` fitted on the same
+    images. The images are embedded as ``rdcd extract`` embeds them (the student's input size, the
+    same decoding). Returns
     (the new student, the number of background images fitted on)."""
     from ..extract import extract
     from ..images import list_images
 
     if dim > net.config.kd_dim:
         raise ValueError(f"a PCA-whitening head of {dim} dims needs kd_dim >= {dim}; this student's is {net.config.kd_dim}")
-    new = StudentNet(dataclasses.replace(net.config, dim=dim))
+    new = StudentNet(dataclasses.replace(net.config, dim=dim, head_l2norm=True))
     kept = {k: v for k, v in net.state_dict().items() if not k.startswith("projector.")}
     missing = new.load_state_dict(kept, strict=False).missing_keys
     if any(not k.startswith("projector.") for k in missing):
         raise ValueError(f"with_pcaw_head: weights missing from the student: {missing}")
     pooled = TorchImageModel(GeMFeatures(new), dim=new.backbone.num_features, input_size=new.config.input_size,
-                             mean=new.config.mean, std=new.config.std, name="gem", l2_normalize=False)
+                             mean=new.config.mean, std=new.config.std, name="gem")  # L2-normalised
     features = extract(pooled, list_images(background), batch_size=batch_size, progress=progress).vectors
     fit_head_pcaw(new, torch.from_numpy(features).double())
     return new.eval(), len(features)
@@ -353,7 +361,7 @@ def save_student(net: StudentNet, path: str | os.PathLike, half: bool = False) -
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in net.state_dict().items()}
     config = dataclasses.asdict(net.config)
-    for optional in ("drop_blocks", "feature_norm"):  # files without them stay readable by older rdcd versions
+    for optional in ("drop_blocks", "feature_norm", "head_l2norm"):  # files without them stay readable by older rdcd
         if not config[optional]:
             del config[optional]
     payload = {"format": FILE_FORMAT, "version": FILE_VERSION, "config": config, "state_dict": state}
