@@ -170,3 +170,16 @@ def test_a_file_that_is_not_a_store_gets_a_clear_error(tmp_path):
     (folder / "store.sqlite").write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match="not an rdcd reference store"):
         ReferenceStore.open(folder)
+
+
+def test_the_store_records_the_precision_that_ran_not_auto(tmp_path):
+    """A shipped student asked for with precision "auto" runs its int8 file on a CPU; the store
+    records "int8", so reopening it anywhere (where "auto" could mean fp32) runs the same file."""
+    from rdcd.models.shipped import shipped_cards
+
+    name = next(c.name for c in shipped_cards() if c.kind == "student" and c.int8 is not None)
+    store = ReferenceStore.create(tmp_path / "s.store", name)
+    assert store.record["rdcd.precision"] == "int8" and "int8" in store.record["rdcd.runtime"]
+    store.close()
+    reopened = ReferenceStore.open(tmp_path / "s.store", model=name)
+    assert reopened.record["rdcd.precision"] == "int8"

@@ -61,7 +61,8 @@ def model_record(model, precision: str = "auto", draft: bool = True):
     record.update({
         "rdcd.dim": str(loaded.dim),
         "rdcd.model_spec": str(getattr(model, "name", model)),
-        "rdcd.precision": precision,
+        # what ran, not what was asked: "auto" may resolve differently elsewhere (fp32 on a GPU)
+        "rdcd.precision": resolved.precision if resolved.precision in ("int8", "fp32") else precision,
         "rdcd.runtime": how,
         "rdcd.model_sha256": file_sha256(file) if file else "",
     })
