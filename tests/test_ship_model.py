@@ -125,7 +125,7 @@ def test_ship_a_runs_snapshot_with_a_pca_whitening_head(small_bench, tmp_path, m
     save_student(load_student(run / "model.pt"), run / "step3.pt")  # stands in for a snapshot
     assert main(["ship", "student", "--run", str(run), "--name", "x", "--valbench", str(small_bench),
                  "--head-pcaw", "8", "--head-background", str(images), "--weights", "../model.pt"]) != 0
-    assert "a snapshot is a file stepN.pt inside the run folder" in capsys.readouterr().err
+    assert "not a student file inside the run folder" in capsys.readouterr().err
     assert main(["ship", "student", "--run", str(run), "--name", "tiny-w8", "--valbench", str(small_bench),
                  "--head-pcaw", "8", "--head-background", str(images), "--weights", "step3.pt",
                  "--threads", "1"]) == 0

@@ -139,8 +139,9 @@ def ship_student(run, name: str, valbench, devbench=None, default: bool = False,
     measure everything again (e.g. after a change of the default input pipeline). ``head_pcaw``:
     ship the run's backbone with its head replaced by PCA whitening of its GeM features to that many
     dims, fitted on ``head_background`` (the training pool; ``rdcd.models.student.with_pcaw_head``).
-    ``weights_file``: a snapshot ``stepN.pt`` inside the run folder instead of ``model.pt`` (the card
-    then says N steps)."""
+    ``weights_file``: another student file inside the run folder instead of ``model.pt``: a snapshot
+    ``stepN.pt`` (the card then says N steps) or e.g. an average of snapshots
+    (``scripts/average_snapshots.py``; the card names the file and the run's steps)."""
     from rdcd.models.student import StudentModel, load_student, save_student, with_pcaw_head
 
     if head_pcaw and not head_background:
@@ -151,10 +152,11 @@ def ship_student(run, name: str, valbench, devbench=None, default: bool = False,
     summary = json.loads((run / "summary.json").read_text())
     source = run / (weights_file or "model.pt")
     if weights_file:
-        step = re.fullmatch(r"step(\d+)\.pt", Path(weights_file).name)
-        if step is None or Path(weights_file).name != weights_file:
-            raise ValueError(f"{weights_file}: a snapshot is a file stepN.pt inside the run folder {run}")
-        summary = dict(summary, step=int(step.group(1)), images_per_s=None)
+        if Path(weights_file).name != weights_file or not source.is_file():
+            raise ValueError(f"{weights_file}: not a student file inside the run folder {run} (e.g. step1200.pt)")
+        step = re.fullmatch(r"step(\d+)\.pt", weights_file)
+        if step:  # a snapshot: the card gives its step; any other file (e.g. an average) the run's
+            summary = dict(summary, step=int(step.group(1)), images_per_s=None)
     net = load_student(source)
     head = None
     if head_pcaw and not (reuse or keep_weights):
@@ -192,7 +194,7 @@ def ship_student(run, name: str, valbench, devbench=None, default: bool = False,
         "head": head or (previous or {}).get("head"),
         "thresholds": thresholds, "validation": val,
         "training": {"run": str(run), "weights": source.name, "steps": summary.get("step"),
-                     "wall_time": (f"n/a (snapshot at step {summary['step']} of the run)" if weights_file
+                     "wall_time": (f"n/a ({weights_file}, made from the run)" if weights_file
                                    else _wall_time(run, run_info)),
                      "machine": run_info["resolved"].get("machine")
                      or f"{machine_description(load=False)} (described when shipping; the run did not record it)",

@@ -31,8 +31,9 @@ def register(subparsers) -> None:
                         "(fitted on --head-background)")
     s.add_argument("--head-background", default=None,
                    help="images the --head-pcaw whitening is fitted on: the training pool, never a benchmark")
-    s.add_argument("--weights", default=None, metavar="stepN.pt",
-                   help="ship this snapshot inside the run folder instead of its model.pt")
+    s.add_argument("--weights", default=None, metavar="FILE.pt",
+                   help="ship this student file inside the run folder instead of its model.pt: a snapshot "
+                        "stepN.pt, or an average of snapshots (scripts/average_snapshots.py)")
     s.set_defaults(func=run_student)
 
     j = sub.add_parser("projection", help="BASE[@SIZE]+pcawDIM fitted on the training pool: .npz, thresholds, card")
