@@ -143,3 +143,10 @@ def test_ship_a_runs_snapshot_with_a_pca_whitening_head(small_bench, tmp_path, m
     assert np.allclose(extract(shipped, probe, progress=False).vectors, expected, atol=2e-2)  # fp16 weights
     assert torch.equal(load_student(weights / "tiny-w8.pt").backbone.conv_stem.weight,
                        trained.backbone.conv_stem.weight.half().float())
+    shipped_bytes = (weights / "tiny-w8.pt").read_bytes()
+    assert main(["ship", "student", "--run", str(run), "--name", "tiny-w8", "--valbench", str(small_bench),
+                 "--head-pcaw", "8", "--head-background", str(images), "--weights", "step3.pt", "--reuse",
+                 "--description", "rewritten"]) == 0  # texts only: the whitened weights and their card stay
+    again = json.loads((weights / "tiny-w8.json").read_text())
+    assert (weights / "tiny-w8.pt").read_bytes() == shipped_bytes and again["dim"] == 8
+    assert again["head"] == card["head"] and again["description"] == "rewritten"

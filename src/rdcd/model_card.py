@@ -53,13 +53,14 @@ def student_markdown(card: dict, run_info: dict, summary: dict) -> str:
         + (f"the trained heads of `{cfg['init']}` (its own run: its model card)." if cfg.get("init")
            else f"{cfg.get('head_init', 'random')}."),
         *([f"- Head: after training, the run's fc and projector were replaced by PCA whitening of the trained "
-           f"backbone's (standardised) GeM features to {card['head']['dim']} dims, fitted on "
+           f"backbone's GeM features (standardised, then L2-normalised) to {card['head']['dim']} dims, fitted on "
            f"{card['head']['images']} images of `{card['head']['background']}` (`rdcd ship student --head-pcaw "
            f"{card['head']['dim']}`): what training taught the backbone, read out isotropically."]
           if card.get("head") else []),
         f"- Wall time: {card['training']['wall_time']}; {fmt(summary.get('images_per_s'), '.1f')} training images/s.",
         f"- Machine: {card['training']['machine']}.",
-        "- Command:",
+        "- Command" + (" (its first invocation; the run went on with `--resume` to the steps above):"
+                       if "--stop-at" in argv.split() else ":"),
         "",
         "```bash",
         argv.replace(sys.prefix + "/bin/", ""),

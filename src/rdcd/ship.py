@@ -157,14 +157,16 @@ def ship_student(run, name: str, valbench, devbench=None, default: bool = False,
         step = re.fullmatch(r"step(\d+)\.pt", weights_file)
         if step:  # a snapshot: the card gives its step; any other file (e.g. an average) the run's
             summary = dict(summary, step=int(step.group(1)), images_per_s=None)
-    net = load_student(source)
-    head = None
-    if head_pcaw and not (reuse or keep_weights):
-        net, n_fit = with_pcaw_head(net, head_background, head_pcaw, progress=True)
-        head = {"kind": "pcaw", "dim": head_pcaw, "background": str(head_background), "images": n_fit}
     WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
     weights = WEIGHTS_DIR / f"{name}.pt"
     previous_path = WEIGHTS_DIR / f"{name}.json"
+    net = load_student(source)
+    head = None
+    if head_pcaw and (reuse or keep_weights) and weights.exists():
+        net = load_student(weights).float()  # the shipped whitening head stays; only the texts or numbers change
+    elif head_pcaw:
+        net, n_fit = with_pcaw_head(net, head_background, head_pcaw, progress=True)
+        head = {"kind": "pcaw", "dim": head_pcaw, "background": str(head_background), "images": n_fit}
     previous = json.loads(previous_path.read_text()) if reuse and previous_path.exists() else None
     net.config.name = name
     if keep_weights and not (weights.exists() and previous_path.exists()):
