@@ -4,7 +4,9 @@
 
 The snapshots must share one architecture; floating tensors are averaged, integer ones (batch-norm
 counters) taken from the last. With ``--bn frozen`` runs the batch-norm statistics are the same in
-every snapshot, so the average needs no statistics pass. The result is an ordinary student file.
+every snapshot, so the average needs no statistics pass; after a ``--bn batch`` run the averaged
+running statistics only approximate the averaged network's (re-estimate them before trusting it).
+The result is an ordinary student file.
 """
 from __future__ import annotations
 

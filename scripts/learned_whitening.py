@@ -26,6 +26,7 @@ from rdcd.extract import extract
 from rdcd.images import list_images, open_image
 from rdcd.models import load_model
 from rdcd.models.base import l2_normalize
+from rdcd.models.shipped import file_sha256
 from rdcd.postprocess import PCAWhitening
 from rdcd.scoring import BenchmarkFolder, embed_benchmark, score_sets
 
@@ -49,7 +50,7 @@ def fit_learned(x: np.ndarray, x_view: np.ndarray, dim: int, shrink: float) -> t
     c_s = diff.T @ diff / len(diff)
     c_s += shrink * np.trace(c_s) / len(c_s) * np.eye(len(c_s))
     s, u = np.linalg.eigh(c_s)
-    p1 = u @ np.diag(s ** -0.5) @ u.T
+    p1 = u @ np.diag(np.maximum(s, 1e-12 * s.max()) ** -0.5) @ u.T  # rank-deficient pairs: no NaN
     y = (x - mean) @ p1
     variances, v = np.linalg.eigh(y.T @ y / len(y))
     top = np.argsort(variances)[::-1][:dim]
@@ -70,7 +71,9 @@ def main() -> None:
     benches = [BenchmarkFolder.read(b) for b in args.benchmarks]
     paths = list_images(args.background)
     for spec in args.bases:
-        key = hashlib.sha256(json.dumps([spec, [str(p) for p in paths], args.augmentation, args.seed,
+        base_file = Path(spec.split(":", 1)[-1].split("@")[0])  # gem:FILE@SIZE or FILE: its weights
+        weights = file_sha256(base_file) if base_file.is_file() else None
+        key = hashlib.sha256(json.dumps([spec, weights, [str(p) for p in paths], args.augmentation, args.seed,
                                          args.benchmarks]).encode()).hexdigest()[:12]
         cache = Path(args.cache) / f"{key}.npz"
         model = load_model(spec)

@@ -150,7 +150,8 @@ def test_a_trained_students_backbone_is_read_out_and_whitened_into_a_new_head(tm
     others = list_images(picture_folder(tmp_path / "others", 5))
 
     new, n_fit = with_pcaw_head(load_student(path), background, 4)
-    assert n_fit == 20 and new.config.dim == 4 and new.projector.out_features == 4
+    assert n_fit == 20 and new.config.dim == 4 and new.config.kd_dim == 4 and new.fc.out_features == 4
+    assert torch.equal(new.projector.weight, torch.eye(4))
     old_state = load_student(path).state_dict()
     for key, value in new.state_dict().items():
         if not key.startswith(("fc.", "projector.")):
@@ -169,6 +170,8 @@ def test_a_trained_students_backbone_is_read_out_and_whitened_into_a_new_head(tm
     assert np.allclose(extract(readout, others, progress=False).vectors,
                        features / np.linalg.norm(features, axis=1, keepdims=True), atol=1e-5)
     assert readout.input_size == 48
-    with pytest.raises(ValueError, match="kd_dim >= 16"):
-        with_pcaw_head(load_student(path), background, 16)
+    with pytest.raises(ValueError, match="needs more than 24 images or views"):
+        with_pcaw_head(load_student(path), background, 24)  # 20 background images
+    with pytest.raises(ValueError, match="1 <= dim <= 960"):
+        with_pcaw_head(load_student(path), background, 961)
     assert isinstance(shipped, StudentModel)

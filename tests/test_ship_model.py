@@ -145,8 +145,8 @@ def test_ship_a_runs_snapshot_with_a_pca_whitening_head(small_bench, tmp_path, m
                        trained.backbone.conv_stem.weight.half().float())
     shipped_bytes = (weights / "tiny-w8.pt").read_bytes()
     assert main(["ship", "student", "--run", str(run), "--name", "tiny-w8", "--valbench", str(small_bench),
-                 "--head-pcaw", "8", "--head-background", str(images), "--weights", "step3.pt", "--reuse",
-                 "--description", "rewritten"]) == 0  # texts only: the whitened weights and their card stay
+                 "--weights", "step3.pt", "--reuse", "--description", "rewritten"]) == 0
+    # texts only, even without --head-pcaw: the whitened weights, their size and their head stay
     again = json.loads((weights / "tiny-w8.json").read_text())
     assert (weights / "tiny-w8.pt").read_bytes() == shipped_bytes and again["dim"] == 8
     assert again["head"] == card["head"] and again["description"] == "rewritten"

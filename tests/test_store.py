@@ -172,10 +172,13 @@ def test_a_file_that_is_not_a_store_gets_a_clear_error(tmp_path):
         ReferenceStore.open(folder)
 
 
-def test_the_store_records_the_precision_that_ran_not_auto(tmp_path):
+def test_the_store_records_the_precision_that_ran_not_auto(tmp_path, monkeypatch):
     """A shipped student asked for with precision "auto" runs its int8 file on a CPU; the store
     records "int8", so reopening it anywhere (where "auto" could mean fp32) runs the same file."""
+    from rdcd import distributed as du
     from rdcd.models.shipped import shipped_cards
+
+    monkeypatch.setattr(du, "gpu_available", lambda: False)  # "auto" is int8 on a CPU only
 
     name = next(c.name for c in shipped_cards() if c.kind == "student" and c.int8 is not None)
     store = ReferenceStore.create(tmp_path / "s.store", name)

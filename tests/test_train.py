@@ -600,7 +600,7 @@ def test_head_init_pcaw_makes_step_zero_the_pca_whitening_of_the_backbone(tmp_pa
     expected = PCAWhitening(6).fit(features.numpy()).transform(features.numpy())
     assert np.allclose(z.numpy(), expected, atol=1e-3)
     assert np.allclose(np.cov(h.numpy().T), np.eye(12), atol=1e-3)  # fc whitens
-    with pytest.raises(ValueError, match="more than 12 views"):
+    with pytest.raises(ValueError, match="more than 12 images or views"):
         fit_head_pcaw(net, features[:12])
 
 
@@ -928,3 +928,29 @@ def test_freeze_stages_keeps_the_stem_and_first_stages_and_trains_the_rest(tmp_p
         train(tiny_config(train_images, tmp_path / "bad", teacher, steps=1, freeze_stages=8))
     with pytest.raises(ValueError, match="freeze-stages must be >= 0"):
         train(tiny_config(train_images, tmp_path / "bad2", teacher, freeze_stages=-1))
+
+
+def test_freeze_stages_survives_the_global_batch_norm_conversion(monkeypatch, tmp_path):
+    """With several processes the student's batch norms are replaced (GlobalBatchNorm2d on a CPU):
+    the freeze applies to the converted network, so the stem and first stages still get no
+    gradient and keep eval-mode batch norms with bn="batch"; later stages train."""
+    from torch import nn
+
+    from rdcd import distributed as du
+    from rdcd.models.student import build_student
+    from rdcd.train.distributed_bn import GlobalBatchNorm2d
+    from rdcd.train.model import RDCD
+
+    monkeypatch.setattr(du, "world_size", lambda: 2)
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", lambda module, **kwargs: module)
+    student = build_student("mobilenetv3_large_100", dim=16, kd_dim=24, input_size=48)
+    config = tiny_config(tmp_path, tmp_path / "run", "unused", freeze_stages=2, bn="batch")
+    model = RDCD(student, None, 24, config, torch.device("cpu"), None)
+    model.train_mode("batch")
+    backbone = model.student.backbone
+    assert isinstance(backbone.bn1, GlobalBatchNorm2d)  # converted
+    for module in (backbone.conv_stem, backbone.bn1, backbone.blocks[0], backbone.blocks[1]):
+        assert not any(p.requires_grad for p in module.parameters())
+        assert not any(m.training for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    assert all(p.requires_grad for p in backbone.blocks[3].parameters())
+    assert any(m.training for m in backbone.blocks[3].modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))

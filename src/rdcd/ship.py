@@ -160,13 +160,17 @@ def ship_student(run, name: str, valbench, devbench=None, default: bool = False,
     WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
     weights = WEIGHTS_DIR / f"{name}.pt"
     previous_path = WEIGHTS_DIR / f"{name}.json"
-    net = load_student(source)
-    head = None
-    if head_pcaw and (reuse or keep_weights) and weights.exists():
-        net = load_student(weights).float()  # the shipped whitening head stays; only the texts or numbers change
+    head = json.loads(previous_path.read_text()).get("head") if previous_path.exists() else None
+    if (reuse or keep_weights) and weights.exists():
+        net = load_student(weights).float()  # the shipped network stays; only the texts or numbers change
+        if head_pcaw and net.config.dim != head_pcaw:
+            raise ValueError(f"{weights} is {net.config.dim}-d, not --head-pcaw {head_pcaw}: ship it without "
+                             "--reuse / --keep-weights to make a new head")
     elif head_pcaw:
-        net, n_fit = with_pcaw_head(net, head_background, head_pcaw, progress=True)
+        net, n_fit = with_pcaw_head(load_student(source), head_background, head_pcaw, progress=True)
         head = {"kind": "pcaw", "dim": head_pcaw, "background": str(head_background), "images": n_fit}
+    else:
+        net, head = load_student(source), None
     previous = json.loads(previous_path.read_text()) if reuse and previous_path.exists() else None
     net.config.name = name
     if keep_weights and not (weights.exists() and previous_path.exists()):
@@ -189,11 +193,12 @@ def ship_student(run, name: str, valbench, devbench=None, default: bool = False,
         "name": name, "file": weights.name, "dim": net.config.dim, "input_size": net.config.input_size,
         "backbone": net.config.backbone, "default": default or bool(previous and previous.get("default")),
         "gem_p": float(net.config.gem_p), "drop_blocks": list(net.config.drop_blocks),
+        "feature_norm": bool(net.config.feature_norm),
         "valbench_recipe": _recipe(valbench),
         "description": description or f"RDCD student {net.config.backbone}, {net.config.dim}-d, "
                                       f"distilled from SSCD on this project's training pool",
         "file_bytes": weights.stat().st_size, "fp16_cosine_min": cos,
-        "head": head or (previous or {}).get("head"),
+        "head": head,
         "thresholds": thresholds, "validation": val,
         "training": {"run": str(run), "weights": source.name, "steps": summary.get("step"),
                      "wall_time": (f"n/a ({weights_file}, made from the run)" if weights_file

@@ -163,6 +163,8 @@ def _backbone_gem(spec: str, input_size: int | None = None, device="cpu", **kwar
     from .student import OFFLINE_PRETRAINED, GeMFeatures, TorchImageModel, build_student
 
     backbone = spec.split(":", 1)[1]
+    if not Path(backbone).is_file() and ("/" in backbone or backbone.endswith(".pt")):
+        raise FileNotFoundError(f"model {spec!r}: no student file {backbone}")
     if Path(backbone).is_file():  # a trained student's backbone: its GeM features, without its head
         from .student import load_student
 

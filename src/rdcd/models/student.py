@@ -160,8 +160,8 @@ def fit_head_pcaw(student: StudentNet, features: torch.Tensor) -> dict:
 
     kd, dim = student.fc.out_features, student.projector.out_features
     if len(features) <= kd:
-        raise ValueError(f"head_init='pcaw' whitens to kd_dim {kd}: it needs more than {kd} views "
-                         f"(--head-init-images), got {len(features)}")
+        raise ValueError(f"a PCA-whitening head to {kd} dims needs more than {kd} images or views "
+                         f"(--head-init-images when training, the background when shipping), got {len(features)}")
     whitening = PCAWhitening(kd).fit(features.cpu().numpy())
     projection = torch.from_numpy(whitening.projection_).double()  # (F, kd)
     mean = torch.from_numpy(whitening.mean_).double()
@@ -184,12 +184,14 @@ def with_pcaw_head(net: StudentNet, background, dim: int, batch_size: int = 32, 
     from ..extract import extract
     from ..images import list_images
 
-    if dim > net.config.kd_dim:
-        raise ValueError(f"a PCA-whitening head of {dim} dims needs kd_dim >= {dim}; this student's is {net.config.kd_dim}")
-    new = StudentNet(dataclasses.replace(net.config, dim=dim, head_l2norm=True))
-    kept = {k: v for k, v in net.state_dict().items() if not k.startswith("projector.")}
+    features_dim = net.backbone.num_features
+    if not 1 <= dim <= features_dim:
+        raise ValueError(f"a PCA-whitening head of {dim} dims needs 1 <= dim <= {features_dim} (the backbone's features)")
+    # fc whitens straight to dim (kd_dim = dim) and the projector is the identity: no unused components
+    new = StudentNet(dataclasses.replace(net.config, dim=dim, kd_dim=dim, head_l2norm=True))
+    kept = {k: v for k, v in net.state_dict().items() if not k.startswith(("fc.", "projector."))}
     missing = new.load_state_dict(kept, strict=False).missing_keys
-    if any(not k.startswith("projector.") for k in missing):
+    if any(not k.startswith(("fc.", "projector.")) for k in missing):
         raise ValueError(f"with_pcaw_head: weights missing from the student: {missing}")
     pooled = TorchImageModel(GeMFeatures(new), dim=new.backbone.num_features, input_size=new.config.input_size,
                              mean=new.config.mean, std=new.config.std, name="gem")  # L2-normalised
@@ -401,7 +403,7 @@ class TorchImageModel(DescriptorModel):
 
     def __init__(self, module: nn.Module, dim: int, input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  name: str = "torch", device: str | torch.device = "cpu", channels_last: bool = True,
-                 l2_normalize: bool = True):
+                 l2_normalize: bool = True):  # l2_normalize=False: raw output, in PyTorch only (export normalises)
         self.module = module.eval().to(device)
         self.l2_normalize = l2_normalize  # False: the module's raw output (e.g. features to fit a head on)
         self.dim = int(dim)

@@ -251,12 +251,13 @@ class RDCD:
     def __init__(self, student: StudentNet, teacher: FrozenTeacher | None, teacher_dim: int, config: TrainConfig,
                  device: torch.device, autocast_dtype: torch.dtype | None):
         self.teacher, self.teacher_free = teacher, not config.loss.use_rel
-        # frozen layers: neither gradients nor batch statistics (the key encoder copies them unchanged)
-        self.frozen = frozen_stem_and_stages(student, config.freeze_stages)
-        freeze(self.frozen)
         self.key_encoder = copy.deepcopy(student).requires_grad_(False)
-        self.frozen += frozen_stem_and_stages(self.key_encoder, config.freeze_stages)
         self.student = sync_batchnorm(student, device) if du.world_size() > 1 else student
+        # frozen layers: neither gradients nor batch statistics, in the network that trains (after the
+        # batch-norm conversion, which makes new modules and parameters) and in the key encoder
+        self.frozen = frozen_stem_and_stages(self.student, config.freeze_stages)
+        freeze(self.frozen)
+        self.frozen += frozen_stem_and_stages(self.key_encoder, config.freeze_stages)
         self.criterion = RDCDLoss(config.dim, teacher_dim, config.loss).to(device)
         self.normalize = Normalize(student.config.mean, student.config.std, device, config.channels_last)
         self.features = StudentFeatures(self.student)
