@@ -144,7 +144,7 @@ def ship_student(run, name: str, valbench, devbench=None, default: bool = False,
     (``scripts/average_snapshots.py``; the card names the file and the run's steps)."""
     from rdcd.models.student import StudentModel, load_student, save_student, with_pcaw_head
 
-    if head_pcaw and not head_background:
+    if head_pcaw and not head_background and not (reuse or keep_weights):
         raise ValueError("head_pcaw needs head_background: the images the whitening is fitted on (training pool)")
 
     run, valbench = Path(run), Path(valbench)
