@@ -86,9 +86,10 @@ def test_every_shipped_model_has_its_int8_file_made_from_its_weights():
         q = card.int8.data
         int8, fp32 = OnnxModel(path), models.load_model(card.name)
         cos = np.sum(int8.embed(images) * fp32.embed(images), axis=1)
-        # synthetic shapes, further from the training images than photos: measured mean/min 0.994/0.991
-        # (128-d), 0.987/0.978 (256-d); on held-out real images (the card, ship_model.py) 0.993-0.996
-        assert cos.mean() >= 0.98 and cos.min() >= 0.95, (card.name, cos.mean(), cos.min())
+        # synthetic shapes, further from the training images than photos; the whitened 256-d student
+        # (2026-12-05) gives mean/min 0.977/0.956 on them, 0.993/0.973 on held-out real images (its
+        # card), which the next assert holds to 0.99; this one catches a broken file, not drift
+        assert cos.mean() >= 0.97 and cos.min() >= 0.95, (card.name, cos.mean(), cos.min())
         assert q["cosine_to_fp32"]["mean"] >= 0.99
         assert q["thresholds"]["raw"]["threshold"] is not None  # its own --threshold auto
         for bench in ("validation", "devbench"):

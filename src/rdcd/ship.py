@@ -205,7 +205,7 @@ def ship_student(run, name: str, valbench, devbench=None, default: bool = False,
                                    else _wall_time(run, run_info)),
                      "machine": run_info["resolved"].get("machine")
                      or f"{machine_description(load=False)} (described when shipping; the run did not record it)",
-                     "argv": run_info["resolved"].get("argv")},
+                     "argv": _command(run_info["resolved"].get("argv"))},
     }
     if devbench and previous and "devbench" in previous:
         card["devbench"], card["devbench_date"] = previous["devbench"], previous["devbench_date"]
@@ -222,6 +222,11 @@ def ship_student(run, name: str, valbench, devbench=None, default: bool = False,
                                  int8_calibration_size, int8_weight_bits)
     _write_card(card, student_markdown(card, run_info, summary), default)
     return card
+
+
+def _command(argv: list[str] | None) -> list[str]:
+    """A run's recorded command as users type it: ``rdcd ...``, not the path of this machine's executable."""
+    return ["rdcd", *(argv or ["rdcd"])[1:]]
 
 
 def _recipe(valbench: Path) -> str:
@@ -267,8 +272,8 @@ def ship_projection(spec: str, name: str, background, valbench, devbench=None, d
         from rdcd.models.student import load_student, save_student
 
         run = Path(parsed.base).parent
-        argv = json.loads((run / "config.json").read_text())["resolved"].get("argv") or ["rdcd"]
-        training = {"run": str(run), "argv": ["rdcd", *argv[1:]],  # the command, not the interpreter's path
+        argv = json.loads((run / "config.json").read_text())["resolved"].get("argv")
+        training = {"run": str(run), "argv": _command(argv),
                     "steps": json.loads((run / "summary.json").read_text()).get("step")}
         shipped = save_student(load_student(parsed.base), WEIGHTS_DIR / f"{name}.student.pt", half=True)
         parsed = parse_projection(f"{shipped}{'@' + str(parsed.size) if parsed.size else ''}+"
