@@ -171,6 +171,7 @@ def fit_head_pcaw(student: StudentNet, features: torch.Tensor) -> dict:
     student.projector.bias.zero_()
     return {"images": len(features)}
 
+
 def with_pcaw_head(net: StudentNet, background, dim: int, batch_size: int = 32, progress: bool = False
                    ) -> tuple[StudentNet, int]:
     """A copy of a trained student with its backbone (and GeM standardisation) unchanged and its head
@@ -179,8 +180,7 @@ def with_pcaw_head(net: StudentNet, background, dim: int, batch_size: int = 32, 
     (``fit_head_pcaw``, with ``head_l2norm`` on): what training taught the backbone, read out
     isotropically; its descriptors are those of ``gem:STUDENT_FILE+pcawDIM`` fitted on the same
     images. The images are embedded as ``rdcd extract`` embeds them (the student's input size, the
-    same decoding). Returns
-    (the new student, the number of background images fitted on)."""
+    same decoding). Returns (the new student, the number of background images fitted on)."""
     from ..extract import extract
     from ..images import list_images
 
