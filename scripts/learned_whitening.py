@@ -13,7 +13,6 @@ the same clean background images. Raw uAP, k = 10. Embeddings are cached under `
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -28,7 +27,7 @@ from rdcd.models import load_model
 from rdcd.models.base import l2_normalize
 from rdcd.models.shipped import file_sha256
 from rdcd.postprocess import PCAWhitening
-from rdcd.scoring import BenchmarkFolder, embed_benchmark, score_sets
+from rdcd.scoring import BenchmarkFolder, embed_benchmark, score_transformed
 
 
 def augmented(model, paths, recipe: str, seed: int, batch: int = 32) -> np.ndarray:
@@ -94,9 +93,8 @@ def main() -> None:
             for head, (mean, projection) in heads.items():
                 cells = []
                 for bench, embedded in zip(benches, sets):
-                    projected = {k: dataclasses.replace(v, vectors=l2_normalize(
-                        ((v.vectors - mean) @ projection).astype(np.float32))) for k, v in embedded.items()}
-                    raw = score_sets(projected, bench, score_norm=False)[0]["raw"]
+                    raw = score_transformed(embedded, bench, lambda x, m=mean, p=projection: l2_normalize(
+                        ((x - m) @ p).astype(np.float32)))
                     cells.append(f"{raw['uAP']:.3f} ({raw['n_gt']})")
                 print(f"| {spec} | {dim} | {head} | " + " | ".join(cells) + " |", flush=True)
 

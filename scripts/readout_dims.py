@@ -12,14 +12,13 @@ reads out a trained student's backbone without its head.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 from rdcd.extract import extract
 from rdcd.images import list_images
 from rdcd.models import load_model
 from rdcd.postprocess import PCAWhitening
-from rdcd.scoring import BenchmarkFolder, embed_benchmark, score_sets
+from rdcd.scoring import BenchmarkFolder, embed_benchmark, score_transformed
 
 
 def main() -> None:
@@ -39,8 +38,7 @@ def main() -> None:
             pcaw = PCAWhitening(dim).fit(fit_on)
             cells = []
             for bench, embedded in zip(benches, sets):
-                projected = {k: dataclasses.replace(v, vectors=pcaw.transform(v.vectors)) for k, v in embedded.items()}
-                raw = score_sets(projected, bench, score_norm=False)[0]["raw"]
+                raw = score_transformed(embedded, bench, pcaw.transform)
                 cells.append({"benchmark": str(bench.root), "uAP": raw["uAP"], "n_gt": raw["n_gt"]})
             rows.append({"base": spec, "dim": dim, "scores": cells})
             print(json.dumps(rows[-1]), flush=True)

@@ -112,7 +112,7 @@ def test_ship_a_runs_snapshot_with_a_pca_whitening_head(small_bench, tmp_path, m
     from rdcd.cli import main
     from rdcd.extract import extract
     from rdcd.images import list_images
-    from rdcd.models.student import GeMFeatures, TorchImageModel, load_student, save_student
+    from rdcd.models.student import gem_model, load_student, save_student
     from rdcd.postprocess import PCAWhitening
     from rdcd.train import train
     from test_train import tiny_config, tiny_torch_teacher
@@ -136,7 +136,7 @@ def test_ship_a_runs_snapshot_with_a_pca_whitening_head(small_bench, tmp_path, m
     assert (weights / card["int8"]["file"]).is_file()
     shipped = load_model(str(weights / "tiny-w8.pt"))
     trained = load_student(run / "step3.pt")
-    raw = TorchImageModel(GeMFeatures(trained), dim=trained.backbone.num_features, input_size=64)
+    raw = gem_model(trained)
     probe = list_images(small_bench / "queries")[:4]
     pcaw = PCAWhitening(8).fit(extract(raw, list_images(images), progress=False).vectors)
     expected = pcaw.transform(extract(raw, probe, progress=False).vectors)
@@ -150,3 +150,19 @@ def test_ship_a_runs_snapshot_with_a_pca_whitening_head(small_bench, tmp_path, m
     again = json.loads((weights / "tiny-w8.json").read_text())
     assert (weights / "tiny-w8.pt").read_bytes() == shipped_bytes and again["dim"] == 8
     assert again["head"] == card["head"] and again["description"] == "rewritten"
+
+
+def test_score_transformed_projects_every_set_before_scoring(small_bench):
+    """One embedding, many projections: the identity gives score_sets' raw row; a projection is
+    applied to queries, references and train/ alike (a constant map makes every score equal)."""
+    import numpy as np
+
+    from rdcd.scoring import score_sets, score_transformed
+
+    bench = BenchmarkFolder.read(small_bench)
+    sets = embed_benchmark(load_model("phash"), bench)
+    assert score_transformed(sets, bench, lambda x: x) == score_sets(sets, bench, score_norm=False)[0]["raw"]
+    seen = []
+    flat = score_transformed(sets, bench, lambda x: seen.append(len(x)) or np.ones_like(x) / np.sqrt(x.shape[1]))
+    assert sorted(seen) == sorted(len(s.vectors) for s in sets.values())
+    assert flat["uAP"] < score_transformed(sets, bench, lambda x: x)["uAP"]

@@ -144,6 +144,15 @@ def score_sets(sets: dict, bench: BenchmarkFolder, k: int = 10, beta: float | No
     return scores, predictions
 
 
+def score_transformed(sets: dict, bench: BenchmarkFolder, transform, k: int = 10) -> dict:
+    """Raw metrics (``ROW_KEYS``) of embedded benchmark sets after ``transform`` (descriptors -> new
+    descriptors, e.g. a fitted ``PCAWhitening.transform``): one embedding, many projections."""
+    import dataclasses
+
+    projected = {name: dataclasses.replace(result, vectors=transform(result.vectors)) for name, result in sets.items()}
+    return score_sets(projected, bench, k=k, score_norm=False)[0]["raw"]
+
+
 def score_model(model, folder: str | os.PathLike | BenchmarkFolder, thresholds: Mapping[str, dict] | None = None,
                 beta: float | None = SCORE_NORM_BETA, sets: dict | None = None, k: int = 10,
                 score_norm: bool = True) -> dict:

@@ -160,7 +160,7 @@ def _backbone_gem(spec: str, input_size: int | None = None, device="cpu", **kwar
     where they exist offline): the untrained starting point of a student, as a baseline.
     ``gem:STUDENT_FILE``: the same read-out of a trained student's backbone (standardised where the
     student standardises), e.g. to PCA-whiten what training taught the backbone."""
-    from .student import OFFLINE_PRETRAINED, GeMFeatures, TorchImageModel, build_student
+    from .student import OFFLINE_PRETRAINED, build_student, gem_model
 
     backbone = spec.split(":", 1)[1]
     if not Path(backbone).is_file() and ("/" in backbone or backbone.endswith(".pt")):
@@ -174,8 +174,7 @@ def _backbone_gem(spec: str, input_size: int | None = None, device="cpu", **kwar
     else:
         net = build_student(backbone, input_size=input_size or 288, pretrained=backbone in OFFLINE_PRETRAINED,
                             name=spec)
-    return TorchImageModel(GeMFeatures(net), dim=net.backbone.num_features, input_size=net.config.input_size,
-                           mean=net.config.mean, std=net.config.std, name=spec, device=device)
+    return gem_model(net, name=spec, device=device)
 
 
 def load_model_file(path: str | os.PathLike, **kwargs) -> DescriptorModel:

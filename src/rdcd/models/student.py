@@ -149,6 +149,13 @@ class GeMFeatures(nn.Module):
         return self.net.pooled(x)
 
 
+def gem_model(net: StudentNet, name: str = "gem", device="cpu", l2_normalize: bool = True) -> "TorchImageModel":
+    """A student's GeM features as a descriptor model (``gem:`` specs, and what a whitening head is fitted on)."""
+    return TorchImageModel(GeMFeatures(net), dim=net.backbone.num_features, input_size=net.config.input_size,
+                           mean=net.config.mean, std=net.config.std, name=name, device=device,
+                           l2_normalize=l2_normalize)
+
+
 @torch.no_grad()
 def fit_head_pcaw(student: StudentNet, features: torch.Tensor) -> dict:
     """``head_init="pcaw"``: fc = PCA whitening of its input ``features`` to kd_dim (centred,
@@ -193,9 +200,7 @@ def with_pcaw_head(net: StudentNet, background, dim: int, batch_size: int = 32, 
     missing = new.load_state_dict(kept, strict=False).missing_keys
     if any(not k.startswith(("fc.", "projector.")) for k in missing):
         raise ValueError(f"with_pcaw_head: weights missing from the student: {missing}")
-    pooled = TorchImageModel(GeMFeatures(new), dim=new.backbone.num_features, input_size=new.config.input_size,
-                             mean=new.config.mean, std=new.config.std, name="gem")  # L2-normalised
-    features = extract(pooled, list_images(background), batch_size=batch_size, progress=progress).vectors
+    features = extract(gem_model(new), list_images(background), batch_size=batch_size, progress=progress).vectors
     fit_head_pcaw(new, torch.from_numpy(features).double())
     return new.eval(), len(features)
 
